@@ -1,0 +1,340 @@
+"""Bilinear primitives: ``matmul`` (batched, broadcasting) and ``linear``.
+
+For ``Y = X W^T + b`` (linear) and ``Y = A @ B`` (matmul) the sketch can sit in
+two places:
+
+* ``"contracted"`` (the default): on the rows of ``X``/``A`` and of the
+  cotangent ``V``, the axis that ``dW = V^T X`` and ``dB = A^T V`` contract.
+  ``dW = V^T S X`` keeps ``k`` rows of both, and ``dX = S V W`` is nonzero on
+  those rows only. A data-independent sketch is drawn in the forward pass, which
+  then saves only ``X[kept]`` (or ``Q^T X`` for a rank-k sketch) instead of ``X``.
+* ``"cotangent"``: on the output features (columns of ``V``): ``dX = V S W``
+  contracts over ``k`` features and only ``k`` rows of ``dW`` are nonzero.
+
+The importance sketch needs ``V`` and is drawn in backward. Its weights are
+``a_i = ||v_i|| * ||J_i||`` with ``||J_i||^2`` the squared norm of what row ``i``
+meets in each needed gradient (for the ``dX`` part an isotropic estimate
+``||W||_F^2 / out`` is used, which keeps the cost linear in the size of ``V``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+from ..primitive import Primitive, ShapeError, sum_to
+from ..tensor import Tensor, as_tensor, record
+
+
+def _squared_norms(array, axis):
+    """Sum of squares over every axis but ``axis`` (float64), one value per index."""
+    moved = array_module(array).moveaxis(array, axis, 0)
+    flat = moved.reshape(moved.shape[0], -1).astype(np.float64)
+    return (flat * flat).sum(axis=1)
+
+
+class Linear(Primitive):
+    """``y = x @ weight.T + bias`` with ``weight`` of shape ``(out, in)`` (PyTorch's layout)."""
+
+    name = "linear"
+    default_placement = "contracted"
+
+    def forward(self, x, weight, bias=None):
+        if weight.ndim != 2:
+            raise ShapeError(f"linear: weight must be 2-D (out, in), got shape {weight.shape}")
+        if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+            raise ShapeError(
+                f"linear: input of shape {x.shape} does not match weight of shape "
+                f"{weight.shape} (expected last input axis {weight.shape[1]})"
+            )
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ShapeError(
+                f"linear: bias of shape {bias.shape} for a weight of shape {weight.shape}"
+            )
+        rows = x.reshape(-1, x.shape[-1])
+        output = rows @ weight.T
+        if bias is not None:
+            output += bias
+        self.placement = self.placement or self.default_placement
+        if self.placement not in ("contracted", "cotangent"):
+            raise ValueError(f"linear: unknown placement {self.placement!r}")
+        self._save_for_backward(rows, weight)
+        return output.reshape(x.shape[:-1] + (weight.shape[0],))
+
+    def _save_for_backward(self, rows, weight):
+        needs_x, needs_weight = self.needs_input_grad[:2] if self.recording else (False, False)
+        saved_rows = rows if needs_weight else None
+        if self.recording and self.placement == "contracted" and self.wants_forward_sample():
+            # Draw now: the backward pass will read only the kept rows (or Q^T x).
+            self.sample = self.draw_sample(rows.shape[0])
+            if saved_rows is not None:
+                saved_rows = self.sample.project(rows, axis=0)
+        self.save(rows=saved_rows, weight=weight if needs_x else None)
+
+    # -- exact -----------------------------------------------------------------
+
+    def vjp(self, cotangent):
+        v = cotangent.reshape(-1, cotangent.shape[-1])
+        grad_x = self._input_grad(v @ self.weight) if self.needs_input_grad[0] else None
+        grad_weight = v.T @ self.rows if self.needs_input_grad[1] else None
+        grad_bias = v.sum(axis=0) if self._needs_bias_grad() else None
+        return self._with_bias(grad_x, grad_weight, grad_bias)
+
+    def _needs_bias_grad(self):
+        return len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
+
+    def _with_bias(self, grad_x, grad_weight, grad_bias):
+        if len(self.input_shapes) > 2:
+            return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight
+
+    def _input_grad(self, rows_grad):
+        return rows_grad.reshape(self.input_shapes[0])
+
+    def _sizes(self):
+        out_features, in_features = self.input_shapes[1]
+        rows = int(np.prod(self.input_shapes[0][:-1]))
+        return rows, in_features, out_features
+
+    def vjp_flops(self):
+        rows, in_features, out_features = self._sizes()
+        gemm = 2 * rows * in_features * out_features
+        flops = gemm * (int(self.needs_input_grad[0]) + int(self.needs_input_grad[1]))
+        return flops + (rows * out_features if self._needs_bias_grad() else 0)
+
+    # -- sampled ---------------------------------------------------------------
+
+    def sampled_vjp(self, cotangent):
+        v = cotangent.reshape(-1, cotangent.shape[-1])
+        if self.placement == "contracted":
+            return self._contracted_vjp(v)
+        return self._feature_vjp(v)
+
+    def _importance_weights(self, v, axis):
+        needs_x, needs_weight = self.needs_input_grad[:2]
+        v_norms = _squared_norms(v, axis)
+        other = 0.0
+        if axis == 0:  # row i meets x_i (for dW) and, roughly, W (for dX)
+            if needs_weight:
+                other = other + _squared_norms(self.rows, 0)
+            if needs_x:
+                other = other + float((self.weight.astype(np.float64) ** 2).sum()) / v.shape[1]
+        else:  # feature j meets W_j (for dX) and, roughly, x (for dW)
+            if needs_x:
+                other = other + _squared_norms(self.weight, 0)
+            if needs_weight:
+                other = other + float((self.rows.astype(np.float64) ** 2).sum()) / v.shape[0]
+        return array_module(v).sqrt(v_norms * other)
+
+    def _contracted_vjp(self, v):
+        xp = array_module(v)
+        sample = self.sample
+        if sample is None:
+            sample = self.draw_sample(v.shape[0], weights=self._importance_weights(v, 0))
+        kept_rows = self.rows if sample is self.sample else None
+        if kept_rows is None and self.rows is not None:
+            kept_rows = sample.project(self.rows, axis=0)
+        compact = sample.compress(v, axis=0)  # k x out: S v restricted to kept rows
+        rows, in_features, out_features = self._sizes()
+        kept = sample.kept
+        grad_x = grad_weight = grad_bias = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            grad_x = self._input_grad(sample.expand(compact @ self.weight, axis=0))
+            flops += 2 * kept * in_features * out_features
+        if self.needs_input_grad[1]:
+            grad_weight = compact.T @ kept_rows
+            flops += 2 * kept * in_features * out_features
+        if self._needs_bias_grad():
+            grad_bias = _sum_rows(sample, compact, xp)
+            flops += kept * out_features
+        if not sample.is_diagonal:
+            flops += 2 * rows * kept * (out_features + in_features)
+        self._sampled_flops = flops
+        return self._with_bias(grad_x, grad_weight, grad_bias)
+
+    def _feature_vjp(self, v):
+        xp = array_module(v)
+        weights = self._importance_weights(v, 1) if self.sketch.needs_cotangent else None
+        sample = self.draw_sample(v.shape[1], weights=weights)
+        compact = sample.compress(v, axis=1)  # rows x k
+        rows, in_features, out_features = self._sizes()
+        kept = sample.kept
+        grad_x = grad_weight = grad_bias = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            grad_x = self._input_grad(compact @ sample.project(self.weight, axis=0))
+            flops += 2 * rows * kept * in_features
+        if self.needs_input_grad[1]:
+            grad_weight = sample.expand(compact.T @ self.rows, axis=0)
+            flops += 2 * rows * kept * in_features
+        if self._needs_bias_grad():
+            grad_bias = sample.expand(compact.sum(axis=0), axis=0)
+            flops += rows * kept
+        if not sample.is_diagonal:
+            flops += 2 * kept * out_features * (rows + 2 * in_features)
+        self._sampled_flops = flops
+        return self._with_bias(grad_x, grad_weight, grad_bias)
+
+
+def _sum_rows(sample, compact, xp):
+    """``1^T S v`` from the compact ``S v``: a plain sum, or ``(Q^T 1)^T c``."""
+    if sample.is_diagonal:
+        return compact.sum(axis=0)
+    return xp.asarray(sample.basis.sum(axis=0), dtype=compact.dtype) @ compact
+
+
+class MatMul(Primitive):
+    """``a @ b`` for arrays of rank 2 or more, batch axes broadcast as in numpy.
+
+    Rank-1 operands are promoted by :func:`matmul` with reshapes. Placements as
+    in the module docstring: ``"contracted"`` sketches axis -2 of ``a`` (the rows
+    that ``a^T @ v`` contracts), ``"cotangent"`` sketches axis -1 of the output.
+    """
+
+    name = "matmul"
+    default_placement = "contracted"
+
+    def forward(self, a, b):
+        if a.ndim < 2 or b.ndim < 2:
+            raise ShapeError(f"matmul: operands must have rank >= 2, got {a.shape} and {b.shape}")
+        if a.shape[-1] != b.shape[-2]:
+            raise ShapeError(
+                f"matmul: shapes {a.shape} and {b.shape} do not align "
+                f"({a.shape[-1]} != {b.shape[-2]})"
+            )
+        try:
+            np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ShapeError(
+                f"matmul: batch shapes {a.shape[:-2]} and {b.shape[:-2]} cannot be broadcast"
+            ) from None
+        self.placement = self.placement or self.default_placement
+        if self.placement not in ("contracted", "cotangent"):
+            raise ValueError(f"matmul: unknown placement {self.placement!r}")
+        needs_a, needs_b = self.needs_input_grad if self.recording else (False, False)
+        saved_a = a if needs_b else None
+        if self.recording and self.placement == "contracted" and self.wants_forward_sample():
+            self.sample = self.draw_sample(a.shape[-2])
+            if saved_a is not None:
+                saved_a = self.sample.project(a, axis=a.ndim - 2)
+        self.save(a=saved_a, b=b if needs_a or self.placement == "cotangent" else None)
+        return a @ b
+
+    def vjp(self, cotangent):
+        xp = array_module(cotangent)
+        grad_a = grad_b = None
+        if self.needs_input_grad[0]:
+            grad_a = sum_to(cotangent @ xp.swapaxes(self.b, -1, -2), self.input_shapes[0])
+        if self.needs_input_grad[1]:
+            grad_b = sum_to(xp.swapaxes(self.a, -1, -2) @ cotangent, self.input_shapes[1])
+        return grad_a, grad_b
+
+    def _gemm_flops(self, rows, inner, cols):
+        batch = int(np.prod(self.output_shape[:-2]))
+        return 2 * batch * rows * inner * cols
+
+    def vjp_flops(self):
+        n, m = self.input_shapes[0][-2:]
+        p = self.input_shapes[1][-1]
+        gemm = self._gemm_flops(n, m, p)
+        return gemm * (int(self.needs_input_grad[0]) + int(self.needs_input_grad[1]))
+
+    def sampled_vjp(self, cotangent):
+        if self.placement == "contracted":
+            return self._contracted_vjp(cotangent)
+        return self._column_vjp(cotangent)
+
+    def _importance_weights(self, v, axis):
+        norms = _squared_norms(v, axis)
+        other = 0.0
+        if axis == v.ndim - 2:
+            if self.needs_input_grad[1]:
+                other = other + _squared_norms(self.a, self.a.ndim - 2)
+            if self.needs_input_grad[0]:
+                other = other + float((self.b.astype(np.float64) ** 2).sum()) / v.shape[-1]
+        else:
+            if self.needs_input_grad[0]:
+                other = other + _squared_norms(self.b, self.b.ndim - 1)
+            if self.needs_input_grad[1]:
+                other = other + float((self.a.astype(np.float64) ** 2).sum()) / v.shape[-2]
+        return array_module(v).sqrt(norms * other)
+
+    def _contracted_vjp(self, v):
+        xp = array_module(v)
+        row_axis = v.ndim - 2
+        sample = self.sample
+        if sample is None:
+            sample = self.draw_sample(v.shape[row_axis], self._importance_weights(v, row_axis))
+            kept_a = None if self.a is None else sample.project(self.a, axis=self.a.ndim - 2)
+        else:
+            kept_a = self.a
+        compact = sample.compress(v, axis=row_axis)
+        n, m = self.input_shapes[0][-2:]
+        p = self.input_shapes[1][-1]
+        grad_a = grad_b = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            partial = compact @ xp.swapaxes(self.b, -1, -2)
+            grad_a = sum_to(sample.expand(partial, axis=row_axis), self.input_shapes[0])
+            flops += self._gemm_flops(sample.kept, p, m)
+        if self.needs_input_grad[1]:
+            grad_b = sum_to(xp.swapaxes(kept_a, -1, -2) @ compact, self.input_shapes[1])
+            flops += self._gemm_flops(sample.kept, m, p)
+        if not sample.is_diagonal:
+            flops += self._gemm_flops(n, sample.kept, m + p)
+        self._sampled_flops = flops
+        return grad_a, grad_b
+
+    def _column_vjp(self, v):
+        xp = array_module(v)
+        column_axis = v.ndim - 1
+        weights = (
+            self._importance_weights(v, column_axis) if self.sketch.needs_cotangent else None
+        )
+        sample = self.draw_sample(v.shape[column_axis], weights=weights)
+        compact = sample.compress(v, axis=column_axis)  # ... x n x k
+        n, m = self.input_shapes[0][-2:]
+        p = self.input_shapes[1][-1]
+        grad_a = grad_b = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            kept_b = sample.project(self.b, axis=self.b.ndim - 1)  # ... x m x k
+            grad_a = sum_to(compact @ xp.swapaxes(kept_b, -1, -2), self.input_shapes[0])
+            flops += self._gemm_flops(n, sample.kept, m)
+        if self.needs_input_grad[1]:
+            partial = xp.swapaxes(self.a, -1, -2) @ compact
+            grad_b = sum_to(sample.expand(partial, axis=column_axis), self.input_shapes[1])
+            flops += self._gemm_flops(m, n, sample.kept)
+        if not sample.is_diagonal:
+            flops += self._gemm_flops(m + n, p, sample.kept)
+        self._sampled_flops = flops
+        return grad_a, grad_b
+
+
+def matmul(a, b) -> Tensor:
+    """numpy's ``matmul``: rank-1 operands are promoted and the added axis removed."""
+    from .shape import reshape
+
+    a, b = as_tensor(a), as_tensor(b, like=a if isinstance(a, Tensor) else None)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ShapeError(f"matmul: operands must not be scalars, got {a.shape} and {b.shape}")
+    left = reshape(a, (1,) + a.shape) if a.ndim == 1 else a
+    right = reshape(b, b.shape + (1,)) if b.ndim == 1 else b
+    if left.shape[-1] != right.shape[-2]:
+        raise ShapeError(
+            f"matmul: shapes {a.shape} and {b.shape} do not align "
+            f"({a.shape[-1]} != {right.shape[-2]})"
+        )
+    product = record(MatMul, left, right)
+    if a.ndim == 1:
+        product = reshape(product, product.shape[:-2] + product.shape[-1:])
+    if b.ndim == 1:
+        product = reshape(product, product.shape[:-1])
+    return product
+
+
+def linear(input, weight, bias=None) -> Tensor:  # noqa: A002 - torch's argument name
+    """``input @ weight.T + bias`` (``torch.nn.functional.linear``)."""
+    inputs = (input, weight) if bias is None else (input, weight, bias)
+    return record(Linear, *(as_tensor(value) for value in inputs))

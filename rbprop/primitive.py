@@ -1,0 +1,295 @@
+"""The primitive interface: forward on raw arrays, exact VJP, sampled VJP, cost.
+
+A primitive is a subclass of :class:`Primitive`. One instance is created per
+call; when the call is recorded, the instance *is* the graph node. A subclass
+writes, side by side:
+
+* ``forward(*arrays)``: the result on raw numpy/cupy arrays; it stores what the
+  VJP needs with ``self.save(name=array)``;
+* ``vjp(cotangent)``: the exact vector-Jacobian product, one array (or None) per
+  input, each reduced to its input's shape through :func:`sum_to`;
+* ``sampled_vjp(cotangent)``: ``J^T S v`` for the sketch the active policy gave
+  this op (see :mod:`rbprop.sampling`), doing proportionally less work;
+* ``vjp_flops()``: the floating-point operations of the exact VJP.
+
+Row-local ops (output row ``i`` depends only on input row ``i`` along the
+leading axis: elementwise maps, reductions and normalisations over trailing
+axes) get their sampled VJP for free: the exact VJP is evaluated on the kept
+rows only and scattered back (:meth:`Primitive.row_sampled_vjp`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import cost
+from .backend import array_module
+
+
+class ShapeError(ValueError):
+    """Raised when an op receives arrays whose shapes do not fit together."""
+
+
+def sum_to(array, shape):
+    """Sum ``array`` over the axes along which ``shape`` was broadcast to it.
+
+    The single place where gradients of broadcasting ops are reduced back to
+    the shape of their input (numpy's broadcasting rules, read backwards).
+    """
+    shape = tuple(shape)
+    if array.shape == shape:
+        return array
+    lead = array.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + axis for axis, size in enumerate(shape) if size == 1 and array.shape[lead + axis] != 1
+    )
+    reduced = array.sum(axis=axes, keepdims=True) if axes else array
+    if lead:
+        reduced = reduced.reshape(reduced.shape[lead:])
+    return reduced.reshape(shape)
+
+
+def broadcast_shapes(op_name: str, *shapes) -> tuple:
+    """The broadcast shape of ``shapes``, or a :class:`ShapeError` naming the op."""
+    try:
+        return tuple(np.broadcast_shapes(*shapes))
+    except ValueError:
+        listed = ", ".join(str(tuple(shape)) for shape in shapes)
+        raise ShapeError(f"{op_name}: shapes {listed} cannot be broadcast together") from None
+
+
+def normalize_axis(op_name: str, axis: int, ndim: int) -> int:
+    """A non-negative axis, or an error naming the op, the axis and the rank."""
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"{op_name}: axis must be an int, got {axis!r}")
+    if not -ndim <= axis < max(ndim, 1):
+        raise np.exceptions.AxisError(
+            f"{op_name}: axis {axis} is out of bounds for an array of {ndim} dimensions"
+        )
+    return int(axis) % max(ndim, 1)
+
+
+def normalize_axes(op_name: str, axis, ndim: int) -> tuple:
+    """``axis`` (None, an int or a sequence) as a sorted tuple of non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (int, np.integer)):
+        axis = (axis,)
+    axes = tuple(sorted(normalize_axis(op_name, a, ndim) for a in axis))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{op_name}: repeated axis in {axis!r}")
+    return axes
+
+
+class Primitive:
+    """Base class of every differentiable op (see the module docstring)."""
+
+    name = "primitive"
+    #: True when output row i (leading axis) depends only on input rows i.
+    row_local = False
+
+    def __init__(self, **params):
+        self.params = params
+        self.recording = False
+        self.released = False
+        self.edges: tuple = ()
+        self.needs_input_grad: tuple = ()
+        self.input_shapes: tuple = ()
+        self.output_shape: tuple = ()
+        self.dtype = None
+        self.sketch = None
+        self.placement = None
+        self.sample = None
+        self.seed = None
+        self._saved_names: list[str] = []
+        self._held: list = []
+
+    # -- forward-side helpers -------------------------------------------------
+
+    def forward(self, *arrays):
+        raise NotImplementedError(f"{self.name}: forward is not written")
+
+    def save(self, **arrays) -> None:
+        """Keep arrays for the VJP (only when the call is being recorded)."""
+        for name, array in arrays.items():
+            setattr(self, name, array if self.recording else None)
+            if name not in self._saved_names:
+                self._saved_names.append(name)
+
+    def saved_arrays(self) -> dict:
+        """The arrays this op currently holds for its VJP, by name."""
+        found = {}
+        for name in self._saved_names:
+            value = getattr(self, name, None)
+            if hasattr(value, "nbytes"):
+                found[name] = value
+        return found
+
+    def draw_sample(self, size: int, weights=None):
+        """Draw this op's sketch over an axis of ``size`` with its own generator."""
+        rng = np.random.default_rng(self.seed)
+        return self.sketch.draw(size, rng, weights=weights)
+
+    def wants_forward_sample(self) -> bool:
+        """True when a data-independent sketch should be drawn in the forward pass."""
+        return self.sketch is not None and not self.sketch.needs_cotangent
+
+    # -- backward -----------------------------------------------------------
+
+    def vjp(self, cotangent):
+        raise NotImplementedError(f"{self.name}: the exact VJP is not written")
+
+    def vjp_flops(self) -> int:
+        """Floating-point operations of the exact VJP (0 for pure data movement)."""
+        return 0
+
+    def sampled_vjp(self, cotangent):
+        """``J^T S v``; row-local ops inherit the kept-rows evaluation."""
+        if self.row_local:
+            return self.row_sampled_vjp(cotangent)
+        raise NotImplementedError(f"{self.name}: no sampled VJP is written for this op")
+
+    def sampled_vjp_flops(self) -> int:
+        """Floating-point operations the last sampled VJP spent."""
+        return getattr(self, "_sampled_flops", self.vjp_flops())
+
+    def run_vjp(self, cotangent):
+        """Run the exact or sampled VJP, check the result's shapes, report the cost."""
+        if self.released:
+            raise RuntimeError(
+                f"{self.name}: backward through a graph whose saved arrays were already freed; "
+                "pass retain_graph=True to the first backward() to run it twice"
+            )
+        if tuple(cotangent.shape) != self.output_shape:
+            raise ShapeError(
+                f"{self.name}: cotangent of shape {tuple(cotangent.shape)} for an output of "
+                f"shape {self.output_shape}"
+            )
+        exact_flops = self.vjp_flops()
+        if self.sketch is None:
+            grads = self.vjp(cotangent)
+            cost.record_vjp(self.name, exact_flops, exact_flops, sampled=False)
+        else:
+            grads = self.sampled_vjp(cotangent)
+            cost.record_vjp(self.name, self.sampled_vjp_flops(), exact_flops, sampled=True)
+        grads = tuple(grads)
+        for index, (grad, shape) in enumerate(zip(grads, self.input_shapes, strict=True)):
+            if grad is not None and tuple(grad.shape) != shape:
+                raise ShapeError(
+                    f"{self.name}: the VJP for input {index} has shape {tuple(grad.shape)}, "
+                    f"expected {shape} (an internal error in this op)"
+                )
+        return grads
+
+    def release(self) -> None:
+        """Drop every saved array (after backward, unless the graph is retained)."""
+        for array in self._held:
+            cost.saved_bytes.release(array)
+        self._held = []
+        for name in self._saved_names:
+            setattr(self, name, None)
+        self.sample = None
+        self.released = True
+
+    def producer_ops(self):
+        """The recorded ops that produced this op's inputs."""
+        return [edge for edge in self.edges if isinstance(edge, Primitive)]
+
+    # -- the generic sampled VJP of row-local ops ----------------------------
+
+    def row_sampled_vjp(self, cotangent):
+        """``J^T S v`` with ``S`` on the leading (row) axis, computed on kept rows only.
+
+        For a diagonal sketch the exact VJP runs on the ``k`` kept rows of the
+        cotangent and of every saved array, and the result is scattered back.
+        A projection sketch has no kept rows: ``S v`` is formed densely and the
+        exact VJP runs at full cost (its FLOPs say so).
+        """
+        rows = self.output_shape[0] if self.output_shape else 1
+        if not self.output_shape:
+            cotangent = cotangent.reshape(1)
+        weights = _row_norms(cotangent) if self.sketch.needs_cotangent else None
+        sample = self.draw_sample(rows, weights=weights)
+        if not sample.is_diagonal:
+            sketched = sample.apply(cotangent, axis=0).reshape(self.output_shape)
+            self._sampled_flops = self.vjp_flops() + sample.apply_flops(cotangent.shape, 0)
+            return self.vjp(sketched)
+        if not self.output_shape:
+            return self._scalar_row_sample(cotangent, sample)
+
+        xp = array_module(cotangent)
+        kept = xp.asarray(sample.indices)
+        compact = sample.compress(cotangent, axis=0)
+        full_state = self._restrict_rows(kept, rows)
+        try:
+            compact_grads = self.vjp(compact)
+        finally:
+            self._restore(full_state)
+        self._sampled_flops = self.vjp_flops() * sample.kept // max(rows, 1)
+        grads = []
+        for grad, shape in zip(compact_grads, self.input_shapes, strict=True):
+            if grad is None:
+                grads.append(None)
+            elif self.row_aligned(shape):
+                full = xp.zeros(shape, dtype=grad.dtype)
+                full[kept] = grad
+                grads.append(full)
+            else:
+                grads.append(grad)
+        return grads
+
+    def _scalar_row_sample(self, cotangent, sample):
+        """A scalar output is one row: kept with its scale, or dropped (no gradient)."""
+        self._sampled_flops = self.vjp_flops() * sample.kept
+        if not sample.kept:
+            return [None] * len(self.input_shapes)
+        return self.vjp((cotangent * sample.scales[0]).reshape(self.output_shape))
+
+    def row_aligned(self, shape) -> bool:
+        """Whether an array of ``shape`` carries the output's leading (row) axis.
+
+        Row-local ops other than the broadcasting elementwise ones take inputs
+        whose leading axis is the row axis; elementwise ops refine this.
+        """
+        return bool(shape) and bool(self.output_shape) and shape[0] == self.output_shape[0]
+
+    def _restrict_rows(self, kept, rows):
+        """Swap saved arrays and shapes for their kept rows; return what to restore."""
+        state = {"input_shapes": self.input_shapes, "output_shape": self.output_shape}
+        for name, array in self.saved_arrays().items():
+            if self.row_aligned(array.shape):
+                state[name] = array
+                setattr(self, name, array[kept])
+        self.input_shapes = tuple(
+            (len(kept),) + tuple(shape[1:]) if self.row_aligned(shape) else shape
+            for shape in self.input_shapes
+        )
+        self.output_shape = (len(kept),) + tuple(self.output_shape[1:])
+        return state
+
+    def _restore(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    # -- the sampled VJP of ops whose VJP only moves data ----------------------
+
+    def sketched_cotangent_vjp(self, cotangent):
+        """``J^T (S v)`` with ``S v`` formed first, along the output's leading axis.
+
+        For ops whose VJP is pure data movement (reshape, transpose, sum, ...)
+        there is no arithmetic to save, so the sketched cotangent is formed and
+        moved exactly; the cost reported is that of forming ``S v``.
+        """
+        flat = cotangent.reshape(1) if not self.output_shape else cotangent
+        weights = _row_norms(flat) if self.sketch.needs_cotangent else None
+        sample = self.draw_sample(flat.shape[0], weights=weights)
+        sketched = sample.apply(flat, axis=0).reshape(self.output_shape)
+        self._sampled_flops = self.vjp_flops() + sample.apply_flops(flat.shape, 0)
+        return self.vjp(sketched)
+
+
+def _row_norms(cotangent):
+    """Euclidean norm of each leading-axis slice (the importance sketch's weights)."""
+    xp = array_module(cotangent)
+    flat = cotangent.reshape(cotangent.shape[0], -1) if cotangent.ndim else cotangent.reshape(1, 1)
+    return xp.sqrt((flat.astype(np.float64) ** 2).sum(axis=1))

@@ -1,0 +1,151 @@
+"""Sketch policies: which recorded ops use a sampled VJP, with which sketch.
+
+Inside ``with rbprop.sampled(policy, seed=0):`` every op recorded for
+differentiation asks the policy for a sketch. ``policy`` is either one sketch
+(every op is sampled) or a mapping whose keys are op names (``"linear"``),
+module paths (``"blocks.0.mlp"``, with shell-style wildcards such as
+``"blocks.*.attn"``) or ``"module_path/op_name"`` pairs, and whose values are
+sketches, spec strings or ``None``. The most specific key wins: a pair, then
+the deepest matching module, then the op name. What no key names stays exact.
+
+Each recorded op gets its own integer seed from the context's generator, so a
+backward pass draws the same sketches whatever order it visits the ops in, and
+the same seed with the same inputs gives bit-identical sampled gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from .sketch import Sketch, parse
+
+_state = threading.local()
+
+
+def _contexts() -> list:
+    if not hasattr(_state, "contexts"):
+        _state.contexts = []
+    return _state.contexts
+
+
+def _module_stack() -> list:
+    if not hasattr(_state, "modules"):
+        _state.modules = []
+    return _state.modules
+
+
+@contextlib.contextmanager
+def module_scope(path: str):
+    """Mark ops recorded inside as belonging to the module at ``path``."""
+    stack = _module_stack()
+    stack.append(path)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current_module() -> str:
+    """The dotted path of the innermost module being called ("" outside any)."""
+    stack = _module_stack()
+    return stack[-1] if stack else ""
+
+
+class Policy:
+    """A resolved sketch policy (see the module docstring for the key rules)."""
+
+    def __init__(self, policy):
+        self.default = None
+        self.by_key: dict[str, Sketch | None] = {}
+        if policy is None or isinstance(policy, (Sketch, str)):
+            self.default = parse(policy) if policy is not None else None
+        elif isinstance(policy, Mapping):
+            for key, value in policy.items():
+                if not isinstance(key, str) or not key:
+                    raise TypeError(f"sampled: policy keys must be non-empty strings, got {key!r}")
+                self.by_key[key] = parse(value) if value is not None else None
+        else:
+            raise TypeError(
+                f"sampled: policy must be a sketch, a spec string or a mapping, got {policy!r}"
+            )
+
+    def lookup(self, op_name: str, module_path: str):
+        """The sketch for an op named ``op_name`` recorded inside ``module_path``."""
+        if not self.by_key:
+            return self.default
+        for scope in _ancestors(module_path):
+            key = f"{scope}/{op_name}"
+            if key in self.by_key:
+                return self.by_key[key]
+            for pattern, sketch in self.by_key.items():
+                if "/" in pattern and fnmatch.fnmatchcase(key, pattern):
+                    return sketch
+        for scope in _ancestors(module_path):
+            if scope in self.by_key:
+                return self.by_key[scope]
+            for pattern, sketch in self.by_key.items():
+                if "/" not in pattern and _is_pattern(pattern) and fnmatch.fnmatchcase(scope, pattern):
+                    return sketch
+        return self.by_key.get(op_name, self.default)
+
+
+def _ancestors(module_path: str):
+    """``a.b.c`` -> ``a.b.c``, ``a.b``, ``a`` (deepest first)."""
+    parts = module_path.split(".") if module_path else []
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+
+
+def _is_pattern(key: str) -> bool:
+    return any(char in key for char in "*?[")
+
+
+class SampledContext:
+    """The state of one ``sampled`` block: the policy and the seed generator."""
+
+    def __init__(self, policy, seed):
+        self.policy = policy if isinstance(policy, Policy) else Policy(policy)
+        self.seeds = np.random.default_rng(seed)
+
+    def configure(self, op) -> None:
+        """Attach the policy's sketch (and a fresh seed) to a recorded op."""
+        sketch = self.policy.lookup(op.name, current_module())
+        if sketch is None:
+            return
+        op.sketch = sketch
+        op.placement = sketch.placement
+        op.seed = int(self.seeds.integers(2**63 - 1))
+
+
+@contextlib.contextmanager
+def sampled(policy, seed=None):
+    """Ops recorded inside use sampled VJPs as ``policy`` says (see module docstring)."""
+    context = SampledContext(policy, seed)
+    stack = _contexts()
+    stack.append(context)
+    try:
+        yield context
+    finally:
+        stack.pop()
+
+
+@contextlib.contextmanager
+def exact():
+    """Ops recorded inside use exact VJPs, even within a ``sampled`` block."""
+    stack = _contexts()
+    stack.append(None)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def configure(op) -> None:
+    """Give a newly recorded op its sketch, if a ``sampled`` block is active."""
+    stack = _contexts()
+    if stack and stack[-1] is not None:
+        stack[-1].configure(op)
