@@ -29,8 +29,7 @@ from .ops.elementwise import (
     where,
 )
 from .ops.linalg import linear, matmul
-from .ops.reduction import logsumexp, max, mean, min, sum, var
-from .ops.reduction import log_softmax, softmax
+from .ops.reduction import log_softmax, logsumexp, max, mean, min, softmax, sum, var
 from .ops.shape import (
     broadcast_to,
     concatenate,

@@ -83,6 +83,10 @@ def run_backward(root, cotangent, retain_graph: bool) -> None:
         for op in topological_order(root_op):
             op_cotangent = pending.pop(op, None)
             if op_cotangent is None:
+                # Every consumer returned a zero (None) gradient for this op's
+                # output: nothing flows back through it, but it is still freed.
+                if not retain_graph:
+                    op.release()
                 continue
             input_grads = op.run_vjp(op_cotangent)
             for edge, grad in zip(op.edges, input_grads, strict=True):

@@ -93,3 +93,16 @@ def _grad_array(tensor):
     if tensor.grad is None:
         return np.zeros(tensor.shape)
     return to_numpy(tensor.grad.data)
+
+
+def __getattr__(name):
+    """``compare_op`` lives in :mod:`rbprop.compare`; it is imported on first use.
+
+    The lazy import keeps ``rbprop.check`` importable from anywhere in the package
+    (``rbprop.compare`` imports the ops, which must never need this module).
+    """
+    if name == "compare_op":
+        from .compare import compare_op
+
+        return compare_op
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

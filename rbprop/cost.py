@@ -29,7 +29,7 @@ class SavedBytes:
     """Live and peak bytes of the arrays that recorded ops saved for backward."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._holders: dict[int, list] = {}  # id(owner) -> [owner, count]
         self.current = 0
         self.peak = 0

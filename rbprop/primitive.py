@@ -41,7 +41,9 @@ def sum_to(array, shape):
         return array
     lead = array.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
-        lead + axis for axis, size in enumerate(shape) if size == 1 and array.shape[lead + axis] != 1
+        lead + axis
+        for axis, size in enumerate(shape)
+        if size == 1 and array.shape[lead + axis] != 1
     )
     reduced = array.sum(axis=axes, keepdims=True) if axes else array
     if lead:
@@ -58,24 +60,25 @@ def broadcast_shapes(op_name: str, *shapes) -> tuple:
         raise ShapeError(f"{op_name}: shapes {listed} cannot be broadcast together") from None
 
 
-def normalize_axis(op_name: str, axis: int, ndim: int) -> int:
-    """A non-negative axis, or an error naming the op, the axis and the rank."""
+def normalize_axis(op_name: str, axis: int, ndim: int, shape=None) -> int:
+    """A non-negative axis, or an error naming the op, the axis and the rank (or shape)."""
     if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
         raise TypeError(f"{op_name}: axis must be an int, got {axis!r}")
     if not -ndim <= axis < max(ndim, 1):
+        array = f"{ndim} dimensions" if shape is None else f"shape {tuple(shape)}"
         raise np.exceptions.AxisError(
-            f"{op_name}: axis {axis} is out of bounds for an array of {ndim} dimensions"
+            f"{op_name}: axis {axis} is out of bounds for an array of {array}"
         )
     return int(axis) % max(ndim, 1)
 
 
-def normalize_axes(op_name: str, axis, ndim: int) -> tuple:
+def normalize_axes(op_name: str, axis, ndim: int, shape=None) -> tuple:
     """``axis`` (None, an int or a sequence) as a sorted tuple of non-negative axes."""
     if axis is None:
         return tuple(range(ndim))
     if isinstance(axis, (int, np.integer)):
         axis = (axis,)
-    axes = tuple(sorted(normalize_axis(op_name, a, ndim) for a in axis))
+    axes = tuple(sorted(normalize_axis(op_name, a, ndim, shape) for a in axis))
     if len(set(axes)) != len(axes):
         raise ValueError(f"{op_name}: repeated axis in {axis!r}")
     return axes
@@ -190,6 +193,12 @@ class Primitive:
             setattr(self, name, None)
         self.sample = None
         self.released = True
+
+    def __del__(self):
+        # A graph dropped without a backward pass gives its saved bytes back too
+        # (the ledger in rbprop.cost would otherwise keep the arrays alive).
+        if getattr(self, "_held", None):
+            self.release()
 
     def producer_ops(self):
         """The recorded ops that produced this op's inputs."""

@@ -150,10 +150,12 @@ class Tensor:
                 f"backward: tensor of shape {self.shape} does not require a gradient "
                 "(no input of the ops that made it requires one)"
             )
+        made_by = f" (the output of {self.op.name})" if self.op is not None else ""
         if cotangent is None:
             if self.size != 1:
                 raise RuntimeError(
-                    f"backward: a cotangent is needed for a non-scalar tensor of shape {self.shape}"
+                    "backward: a cotangent is needed for a non-scalar tensor of shape "
+                    f"{self.shape}{made_by}"
                 )
             xp = array_module(self.data)
             cotangent = xp.ones(self.shape, dtype=self.dtype)
@@ -164,7 +166,7 @@ class Tensor:
             if cotangent.shape != self.data.shape:
                 raise ValueError(
                     f"backward: cotangent of shape {cotangent.shape} for a tensor of shape "
-                    f"{self.shape}"
+                    f"{self.shape}{made_by}"
                 )
         run_backward(self, cotangent, retain_graph)
 
@@ -305,7 +307,7 @@ class Tensor:
         return swapaxes(self, axis1, axis2)
 
     @property
-    def T(self):
+    def T(self):  # noqa: N802 - numpy's name
         return self.transpose()
 
     def exp(self):
@@ -383,7 +385,9 @@ def _binary(op_class_name: str, left, right):
     from .ops import elementwise
 
     like = left if isinstance(left, Tensor) else right
-    return record(getattr(elementwise, op_class_name), as_tensor(left, like), as_tensor(right, like))
+    return record(
+        getattr(elementwise, op_class_name), as_tensor(left, like), as_tensor(right, like)
+    )
 
 
 def record(op_class, *inputs, **params) -> Tensor:

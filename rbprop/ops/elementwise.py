@@ -56,6 +56,7 @@ class Elementwise(Primitive):
             "operands": self.operands,
             "output": self.output,
         }
+
         def restrict(array):
             return array[kept] if self.row_aligned(array.shape) else array
 
@@ -75,7 +76,9 @@ class Elementwise(Primitive):
         partial = self.chain(cotangent, *operands, self.output)
         return tuple(
             None if grad is None or not needed else sum_to(grad, shape)
-            for grad, needed, shape in zip(partial, self.needs_input_grad, self.input_shapes)
+            for grad, needed, shape in zip(
+                partial, self.needs_input_grad, self.input_shapes, strict=True
+            )
         )
 
     def vjp_flops(self):

@@ -154,7 +154,6 @@ class Linear(Primitive):
         return self._with_bias(grad_x, grad_weight, grad_bias)
 
     def _feature_vjp(self, v):
-        xp = array_module(v)
         weights = self._importance_weights(v, 1) if self.sketch.needs_cotangent else None
         sample = self.draw_sample(v.shape[1], weights=weights)
         compact = sample.compress(v, axis=1)  # rows x k
@@ -207,7 +206,8 @@ class MatMul(Primitive):
             np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         except ValueError:
             raise ShapeError(
-                f"matmul: batch shapes {a.shape[:-2]} and {b.shape[:-2]} cannot be broadcast"
+                f"matmul: batch shapes {a.shape[:-2]} and {b.shape[:-2]} of operands "
+                f"{a.shape} and {b.shape} cannot be broadcast"
             ) from None
         self.placement = self.placement or self.default_placement
         if self.placement not in ("contracted", "cotangent"):
@@ -289,9 +289,7 @@ class MatMul(Primitive):
     def _column_vjp(self, v):
         xp = array_module(v)
         column_axis = v.ndim - 1
-        weights = (
-            self._importance_weights(v, column_axis) if self.sketch.needs_cotangent else None
-        )
+        weights = self._importance_weights(v, column_axis) if self.sketch.needs_cotangent else None
         sample = self.draw_sample(v.shape[column_axis], weights=weights)
         compact = sample.compress(v, axis=column_axis)  # ... x n x k
         n, m = self.input_shapes[0][-2:]

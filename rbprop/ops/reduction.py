@@ -27,7 +27,7 @@ class Reduction(Primitive):
     """Shared bookkeeping of reductions over ``axis`` with ``keepdims``."""
 
     def setup(self, x):
-        self.axes = normalize_axes(self.name, self.params.get("axis"), x.ndim)
+        self.axes = normalize_axes(self.name, self.params.get("axis"), x.ndim, x.shape)
         self.keepdims = bool(self.params.get("keepdims", False))
         self.row_local = x.ndim > 0 and 0 not in self.axes
 
@@ -133,7 +133,7 @@ class Softmax(Primitive):
 
     def forward(self, x):
         xp = array_module(x)
-        self.axis = normalize_axis(self.name, self.params["axis"], x.ndim)
+        self.axis = normalize_axis(self.name, self.params["axis"], x.ndim, x.shape)
         self.row_local = x.ndim > 1 and self.axis != 0
         shifted = x - x.max(axis=self.axis, keepdims=True)
         exponentials = xp.exp(shifted)
@@ -162,7 +162,7 @@ class LogSoftmax(Softmax):
 
     def forward(self, x):
         xp = array_module(x)
-        self.axis = normalize_axis(self.name, self.params["axis"], x.ndim)
+        self.axis = normalize_axis(self.name, self.params["axis"], x.ndim, x.shape)
         self.row_local = x.ndim > 1 and self.axis != 0
         shifted = x - x.max(axis=self.axis, keepdims=True)
         output = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))

@@ -45,7 +45,7 @@ class Transpose(DataMovement):
         axes = self.params["axes"]
         if axes is None:
             axes = tuple(reversed(range(x.ndim)))
-        axes = tuple(normalize_axis(self.name, axis, x.ndim) for axis in axes)
+        axes = tuple(normalize_axis(self.name, axis, x.ndim, x.shape) for axis in axes)
         if sorted(axes) != list(range(x.ndim)):
             raise ValueError(
                 f"transpose: axes {self.params['axes']} are not a permutation of the "
@@ -67,7 +67,9 @@ class BroadcastTo(DataMovement):
         try:
             return xp.broadcast_to(x, shape)
         except ValueError:
-            raise ShapeError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}") from None
+            raise ShapeError(
+                f"broadcast_to: cannot broadcast shape {x.shape} to {shape}"
+            ) from None
 
     def vjp(self, cotangent):
         from ..primitive import sum_to
@@ -107,9 +109,7 @@ class GetItem(DataMovement):
 
 def _is_advanced(index) -> bool:
     parts = index if isinstance(index, tuple) else (index,)
-    return any(
-        hasattr(part, "shape") or isinstance(part, (list, np.ndarray)) for part in parts
-    )
+    return any(hasattr(part, "shape") or isinstance(part, (list, np.ndarray)) for part in parts)
 
 
 def _scatter_add(target, index, values):
@@ -129,7 +129,7 @@ class Concatenate(DataMovement):
     def forward(self, *arrays):
         if not arrays:
             raise ValueError("concatenate: needs at least one array")
-        axis = normalize_axis(self.name, self.params["axis"], arrays[0].ndim)
+        axis = normalize_axis(self.name, self.params["axis"], arrays[0].ndim, arrays[0].shape)
         reference = arrays[0].shape
         for position, array in enumerate(arrays):
             if array.ndim != len(reference) or any(
@@ -162,7 +162,9 @@ class Stack(DataMovement):
 
     def vjp(self, cotangent):
         xp = array_module(cotangent)
-        return tuple(xp.take(cotangent, index, axis=self.axis) for index in range(len(self.input_shapes)))
+        return tuple(
+            xp.take(cotangent, index, axis=self.axis) for index in range(len(self.input_shapes))
+        )
 
 
 class Pad(DataMovement):
@@ -174,7 +176,9 @@ class Pad(DataMovement):
         xp = array_module(x)
         widths = np.broadcast_to(np.asarray(self.params["pad_width"], dtype=int), (x.ndim, 2))
         if np.any(widths < 0):
-            raise ValueError(f"pad: pad_width must be non-negative, got {self.params['pad_width']}")
+            raise ValueError(
+                f"pad: pad_width must be non-negative, got {self.params['pad_width']}"
+            )
         self.widths = widths
         return xp.pad(x, [tuple(pair) for pair in widths], constant_values=self.params["value"])
 
@@ -226,8 +230,8 @@ def permute(x, axes):
 def swapaxes(x, axis1, axis2):
     x = as_tensor(x)
     axes = list(range(x.ndim))
-    first = normalize_axis("swapaxes", axis1, x.ndim)
-    second = normalize_axis("swapaxes", axis2, x.ndim)
+    first = normalize_axis("swapaxes", axis1, x.ndim, x.shape)
+    second = normalize_axis("swapaxes", axis2, x.ndim, x.shape)
     axes[first], axes[second] = axes[second], axes[first]
     return transpose(x, axes)
 
@@ -246,9 +250,11 @@ def squeeze(x, axis=None):
     x = as_tensor(x)
     if axis is None:
         return reshape(x, tuple(size for size in x.shape if size != 1))
-    axis = normalize_axis("squeeze", axis, x.ndim)
+    axis = normalize_axis("squeeze", axis, x.ndim, x.shape)
     if x.shape[axis] != 1:
-        raise ValueError(f"squeeze: axis {axis} of shape {x.shape} has length {x.shape[axis]}, not 1")
+        raise ValueError(
+            f"squeeze: axis {axis} of shape {x.shape} has length {x.shape[axis]}, not 1"
+        )
     return reshape(x, x.shape[:axis] + x.shape[axis + 1 :])
 
 
