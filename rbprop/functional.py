@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from .ops.attention import scaled_dot_product_attention
+from .ops.conv import avg_pool2d, conv2d, max_pool2d
+from .ops.dropout import dropout
 from .ops.elementwise import gelu, relu, sigmoid, tanh
 from .ops.linalg import linear
+from .ops.loss import cross_entropy
+from .ops.norm import batch_norm, layer_norm
 from .ops.reduction import log_softmax as _log_softmax
 from .ops.reduction import softmax as _softmax
 
@@ -18,4 +23,20 @@ def log_softmax(input, dim=-1):  # noqa: A002 - torch's argument name
     return _log_softmax(input, axis=dim)
 
 
-__all__ = ["gelu", "linear", "log_softmax", "relu", "sigmoid", "softmax", "tanh"]
+__all__ = [
+    "avg_pool2d",
+    "batch_norm",
+    "conv2d",
+    "cross_entropy",
+    "dropout",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "log_softmax",
+    "max_pool2d",
+    "relu",
+    "scaled_dot_product_attention",
+    "sigmoid",
+    "softmax",
+    "tanh",
+]

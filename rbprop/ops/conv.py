@@ -1,0 +1,515 @@
+"""Convolution and pooling over NCHW images: ``conv2d``, ``max_pool2d``, ``avg_pool2d``.
+
+``conv2d`` is lowered to one matrix product. :func:`im2col` turns the input
+``x`` of shape ``(N, C, H, W)`` into ``cols`` of shape ``(N*OH*OW, C*kh*kw)``
+(one row per output position, ordered ``(n, oh, ow)``; one column per weight
+entry, ordered ``(c, i, j)``), so that with ``Wm = weight.reshape(O, C*kh*kw)``
+and ``V`` the cotangent laid out as ``(N*OH*OW, O)``::
+
+    Y = cols Wm^T,      dW = V^T cols,      dX = col2im(V Wm).
+
+:func:`col2im` is the adjoint of :func:`im2col`: it adds each row back into
+the window it was read from. Both are small plain-numpy functions kept at the
+top of this file so that compiled kernels can replace them one for one.
+
+Sampled VJPs of ``conv2d`` (see :class:`Conv2d`) sketch either the rows of the
+lowered problem (``"contracted"``, spatial position x batch, the default) or
+the output channels (``"cotangent"``). Pooling is row-local along the batch
+axis and inherits the kept-rows evaluation of :class:`~rbprop.primitive.Primitive`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+from ..primitive import Primitive, ShapeError
+from ..tensor import Tensor, as_tensor, record
+from .linalg import _sum_rows
+
+# -- lowering ------------------------------------------------------------------
+
+
+def pad_images(x, padding, value=0.0):
+    """``x`` (N, C, H, W) padded by ``padding = (ph, pw)`` on both sides of H and W."""
+    pad_h, pad_w = padding
+    if not pad_h and not pad_w:
+        return x
+    xp = array_module(x)
+    widths = ((0, 0), (0, 0), (pad_h, pad_h), (pad_w, pad_w))
+    return xp.pad(x, widths, mode="constant", constant_values=value)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of a sliding window: ``floor((size + 2 p - k) / s) + 1``."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def sliding_windows(padded, kh, kw, stride):
+    """A strided view ``(N, C, OH, OW, kh, kw)`` of every window of ``padded`` (no copy)."""
+    xp = array_module(padded)
+    batch, channels, height, width = padded.shape
+    stride_h, stride_w = stride
+    out_h = (height - kh) // stride_h + 1
+    out_w = (width - kw) // stride_w + 1
+    step_n, step_c, step_h, step_w = padded.strides
+    return xp.lib.stride_tricks.as_strided(
+        padded,
+        shape=(batch, channels, out_h, out_w, kh, kw),
+        strides=(step_n, step_c, step_h * stride_h, step_w * stride_w, step_h, step_w),
+    )
+
+
+def im2col(x, kh, kw, stride, padding, rows=None):
+    """Lower ``x`` (N, C, H, W) to ``cols`` (N*OH*OW, C*kh*kw), one row per output position.
+
+    ``rows`` (flat indices into the ``N*OH*OW`` positions) lowers only those
+    rows, in that order: what a sampled VJP reads, without building all of
+    ``cols``.
+    """
+    batch, channels = x.shape[:2]
+    windows = sliding_windows(pad_images(x, padding), kh, kw, stride)
+    out_h, out_w = windows.shape[2:4]
+    by_position = windows.transpose(0, 2, 3, 1, 4, 5)  # N, OH, OW, C, kh, kw
+    if rows is None:
+        return by_position.reshape(batch * out_h * out_w, channels * kh * kw)
+    xp = array_module(x)
+    rows = xp.asarray(rows)
+    image, rest = rows // (out_h * out_w), rows % (out_h * out_w)
+    picked = by_position[image, rest // out_w, rest % out_w]
+    return picked.reshape(rows.shape[0], channels * kh * kw)
+
+
+def add_into_windows(target, piece_at, kh, kw, stride, out_h, out_w):
+    """``target[:, :, window (oh, ow) at offset (i, j)] += piece_at(i, j)[:, :, oh, ow]``.
+
+    ``target`` is a padded (N, C, Hp, Wp) array; ``piece_at(i, j)`` returns the
+    (N, C, OH, OW) values that land on kernel offset ``(i, j)`` of each window.
+    One strided slice per kernel offset, so overlapping windows add up.
+    """
+    stride_h, stride_w = stride
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i, i + stride_h * (out_h - 1) + 1, stride_h)
+            columns = slice(j, j + stride_w * (out_w - 1) + 1, stride_w)
+            target[:, :, rows, columns] += piece_at(i, j)
+
+
+def crop_padding(padded, padding):
+    """Drop the padded border of a (N, C, Hp, Wp) array."""
+    pad_h, pad_w = padding
+    height, width = padded.shape[2] - 2 * pad_h, padded.shape[3] - 2 * pad_w
+    return array_module(padded).ascontiguousarray(
+        padded[:, :, pad_h : pad_h + height, pad_w : pad_w + width]
+    )
+
+
+def col2im(cols, input_shape, kh, kw, stride, padding, rows=None):
+    """The adjoint of :func:`im2col`: add each row of ``cols`` back into its window.
+
+    ``cols`` has shape (N*OH*OW, C*kh*kw), or (len(rows), C*kh*kw) when ``rows``
+    (distinct flat output positions) says which rows it holds; the others are
+    zero. The result has ``input_shape``.
+    """
+    xp = array_module(cols)
+    batch, channels, height, width = input_shape
+    pad_h, pad_w = padding
+    out_h = output_size(height, kh, stride[0], pad_h)
+    out_w = output_size(width, kw, stride[1], pad_w)
+    if rows is not None:
+        full = xp.zeros((batch * out_h * out_w, cols.shape[1]), dtype=cols.dtype)
+        full[xp.asarray(rows)] = cols
+        cols = full
+    patches = cols.reshape(batch, out_h, out_w, channels, kh, kw).transpose(0, 3, 1, 2, 4, 5)
+    padded = xp.zeros((batch, channels, height + 2 * pad_h, width + 2 * pad_w), cols.dtype)
+    add_into_windows(padded, lambda i, j: patches[..., i, j], kh, kw, stride, out_h, out_w)
+    return crop_padding(padded, padding)
+
+
+# -- argument checks -------------------------------------------------------------
+
+
+def _pair(op_name: str, argument: str, value, minimum: int) -> tuple:
+    """An int or a pair of ints as a pair, each at least ``minimum``."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    valid = len(pair) == 2 and all(
+        isinstance(entry, (int, np.integer)) and not isinstance(entry, bool) for entry in pair
+    )
+    if not valid or min(pair) < minimum:
+        raise ValueError(
+            f"{op_name}: {argument} must be an int or a pair of ints >= {minimum}, got {value!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _check_images(op_name: str, x) -> None:
+    if x.ndim != 4:
+        raise ShapeError(f"{op_name}: input must be 4-D (N, C, H, W), got shape {x.shape}")
+
+
+def _check_window_fits(op_name, x_shape, kernel, padding) -> None:
+    padded = (x_shape[2] + 2 * padding[0], x_shape[3] + 2 * padding[1])
+    if kernel[0] > padded[0] or kernel[1] > padded[1]:
+        raise ShapeError(
+            f"{op_name}: kernel {kernel} is larger than the input of shape {x_shape} "
+            f"padded by {padding} (spatial size {padded})"
+        )
+
+
+# -- conv2d ----------------------------------------------------------------------
+
+
+class Conv2d(Primitive):
+    """``y = conv2d(x, weight, bias)``, cross-correlation as in PyTorch, via im2col.
+
+    Placements of the sketch (``V`` is the cotangent as (N*OH*OW, O)):
+
+    * ``"contracted"`` (default): on the rows of ``cols`` and ``V`` (spatial
+      positions x batch), the axis that ``dW = V^T cols`` contracts. With ``k``
+      kept rows, ``dW = V_k^T cols_k`` and ``dX = col2im(expand(V_k Wm))`` are
+      GEMMs of ``k`` rows. A data-independent sketch is drawn in the forward
+      pass, which then saves only ``cols_k`` (or ``Q^T cols``), or ``x`` when
+      that is smaller (a 3x3 stride-1 convolution has ``cols`` nine times the
+      size of ``x``: there only the arithmetic shrinks).
+    * ``"cotangent"``: on the output channels (columns of ``V``): ``dX`` and
+      ``dW`` each become GEMMs over ``k`` channels; ``dW`` and ``db`` are
+      nonzero on the kept channels only.
+
+    The exact VJP saves whichever of ``x`` and ``cols`` is smaller and lowers
+    ``x`` again in backward when it kept ``x``.
+
+    Importance weights: rows, ``a_i = ||v_i|| sqrt(||cols_i||^2 + ||Wm||_F^2 / O)``;
+    channels, ``a_j = ||V_j|| sqrt(||Wm_j||^2 + ||cols||_F^2 / O)`` (each term
+    only when its gradient is needed; the second one is an isotropic estimate,
+    as in :class:`~rbprop.ops.linalg.Linear`).
+    """
+
+    name = "conv2d"
+    default_placement = "contracted"
+
+    def forward(self, x, weight, bias=None):
+        stride, padding = self.params["stride"], self.params["padding"]
+        self._check(x, weight, bias)
+        out_channels, _, kh, kw = weight.shape
+        batch, _, height, width = x.shape
+        out_h = output_size(height, kh, stride[0], padding[0])
+        out_w = output_size(width, kw, stride[1], padding[1])
+
+        cols = im2col(x, kh, kw, stride, padding)
+        output = cols @ weight.reshape(out_channels, -1).T
+        if bias is not None:
+            output += bias
+        output = output.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
+
+        self.placement = self.placement or self.default_placement
+        if self.placement not in ("contracted", "cotangent"):
+            raise ValueError(f"conv2d: unknown placement {self.placement!r}")
+        if self.recording:
+            self._save_for_backward(x, cols, weight)
+        return array_module(output).ascontiguousarray(output)
+
+    def _check(self, x, weight, bias):
+        _check_images("conv2d", x)
+        if weight.ndim != 4:
+            raise ShapeError(
+                f"conv2d: weight must be 4-D (out_channels, in_channels, kh, kw), "
+                f"got shape {weight.shape}"
+            )
+        if x.shape[1] != weight.shape[1]:
+            raise ShapeError(
+                f"conv2d: input of shape {x.shape} has {x.shape[1]} channels but weight of "
+                f"shape {weight.shape} expects {weight.shape[1]}"
+            )
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ShapeError(
+                f"conv2d: bias of shape {bias.shape} for a weight of shape {weight.shape}"
+            )
+        _check_window_fits("conv2d", x.shape, weight.shape[2:], self.params["padding"])
+
+    def _save_for_backward(self, x, cols, weight):
+        needs_x, needs_weight = self.needs_input_grad[:2]
+        kept_rows = cols.shape[0]
+        if self.placement == "contracted" and self.wants_forward_sample():
+            # Drawn now, so that only what the sampled VJP reads is kept.
+            self.sample = self.draw_sample(cols.shape[0])
+            kept_rows = self.sample.kept
+        lowered = image = None
+        if needs_weight:
+            if kept_rows * cols.shape[1] < x.size:
+                lowered = cols if self.sample is None else self.sample.project(cols, axis=0)
+            else:
+                image = x
+        self.save(cols=lowered, image=image, weight=weight if needs_x else None)
+
+    # -- shared pieces ---------------------------------------------------------
+
+    def _shapes(self):
+        """(rows of the lowered problem, C*kh*kw, out_channels)."""
+        out_channels = self.input_shapes[1][0]
+        patch = int(np.prod(self.input_shapes[1][1:]))
+        rows = int(np.prod(self.output_shape)) // out_channels
+        return rows, patch, out_channels
+
+    def _geometry(self):
+        kh, kw = self.input_shapes[1][2:]
+        return kh, kw, self.params["stride"], self.params["padding"]
+
+    def _cotangent_rows(self, cotangent):
+        """The cotangent (N, O, OH, OW) as the (N*OH*OW, O) matrix ``V``."""
+        return cotangent.transpose(0, 2, 3, 1).reshape(-1, cotangent.shape[1])
+
+    def _weight_matrix(self):
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _lowered(self, sample=None):
+        """``cols``, or its rows kept by ``sample`` (``Q^T cols`` for a projection)."""
+        kh, kw, stride, padding = self._geometry()
+        if self.cols is not None:
+            if sample is None or sample is self.sample:
+                return self.cols
+            return sample.project(self.cols, axis=0)
+        if sample is None:
+            return im2col(self.image, kh, kw, stride, padding)
+        if sample.is_diagonal:
+            return im2col(self.image, kh, kw, stride, padding, rows=sample.indices)
+        return sample.project(im2col(self.image, kh, kw, stride, padding), axis=0)
+
+    def _input_grad(self, cols_grad, rows=None):
+        kh, kw, stride, padding = self._geometry()
+        return col2im(cols_grad, self.input_shapes[0], kh, kw, stride, padding, rows=rows)
+
+    def _needs_bias_grad(self):
+        return len(self.needs_input_grad) > 2 and self.needs_input_grad[2]
+
+    def _result(self, grad_x, grad_weight, grad_bias):
+        if grad_weight is not None:
+            grad_weight = grad_weight.reshape(self.input_shapes[1])
+        if len(self.input_shapes) > 2:
+            return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight
+
+    # -- exact -------------------------------------------------------------------
+
+    def vjp(self, cotangent):
+        v = self._cotangent_rows(cotangent)
+        grad_x = grad_weight = grad_bias = None
+        if self.needs_input_grad[0]:
+            grad_x = self._input_grad(v @ self._weight_matrix())  # dX = col2im(V Wm)
+        if self.needs_input_grad[1]:
+            grad_weight = v.T @ self._lowered()  # dW = V^T cols
+        if self._needs_bias_grad():
+            grad_bias = v.sum(axis=0)
+        return self._result(grad_x, grad_weight, grad_bias)
+
+    def vjp_flops(self):
+        rows, patch, out_channels = self._shapes()
+        gemm = 2 * rows * patch * out_channels
+        flops = gemm * (int(self.needs_input_grad[0]) + int(self.needs_input_grad[1]))
+        return flops + (rows * out_channels if self._needs_bias_grad() else 0)
+
+    # -- sampled -----------------------------------------------------------------
+
+    def sampled_vjp(self, cotangent):
+        v = self._cotangent_rows(cotangent)
+        if self.placement == "contracted":
+            return self._contracted_vjp(v)
+        return self._channel_vjp(v)
+
+    def _patch_squared_norms(self):
+        """``||cols_i||^2`` for every row, from ``cols`` or as a box sum over ``x^2``."""
+        if self.cols is not None:
+            return (self.cols.astype(np.float64) ** 2).sum(axis=1)
+        kh, kw, stride, padding = self._geometry()
+        xp = array_module(self.image)
+        squared = (self.image.astype(np.float64) ** 2).sum(axis=1, keepdims=True)
+        windows = sliding_windows(pad_images(squared, padding), kh, kw, stride)
+        return xp.ascontiguousarray(windows.sum(axis=(1, 4, 5))).reshape(-1)
+
+    def _row_weights(self, v):
+        xp = array_module(v)
+        meets = 0.0
+        if self.needs_input_grad[1]:
+            meets = meets + self._patch_squared_norms()
+        if self.needs_input_grad[0]:
+            meets = meets + float((self.weight.astype(np.float64) ** 2).sum()) / v.shape[1]
+        return xp.sqrt((v.astype(np.float64) ** 2).sum(axis=1) * meets)
+
+    def _channel_weights(self, v):
+        xp = array_module(v)
+        meets = 0.0
+        if self.needs_input_grad[0]:
+            meets = meets + (self._weight_matrix().astype(np.float64) ** 2).sum(axis=1)
+        if self.needs_input_grad[1]:
+            meets = meets + float(self._patch_squared_norms().sum()) / v.shape[1]
+        return xp.sqrt((v.astype(np.float64) ** 2).sum(axis=0) * meets)
+
+    def _contracted_vjp(self, v):
+        sample = self.sample
+        if sample is None:  # importance: drawn now, from the cotangent
+            sample = self.draw_sample(v.shape[0], weights=self._row_weights(v))
+        compact = sample.compress(v, axis=0)  # k x O: the kept rows of S V
+        rows, patch, out_channels = self._shapes()
+        kept = sample.kept
+        grad_x = grad_weight = grad_bias = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            # dX = col2im(S V Wm): the GEMM runs on the k kept rows only.
+            partial = compact @ self._weight_matrix()
+            if sample.is_diagonal:
+                grad_x = self._input_grad(partial, rows=sample.indices)
+            else:
+                grad_x = self._input_grad(sample.expand(partial, axis=0))
+            flops += 2 * kept * out_channels * patch
+        if self.needs_input_grad[1]:
+            grad_weight = compact.T @ self._lowered(sample)  # dW = V_k^T cols_k
+            flops += 2 * kept * out_channels * patch
+        if self._needs_bias_grad():
+            grad_bias = _sum_rows(sample, compact, array_module(v))
+            flops += kept * out_channels
+        if not sample.is_diagonal:
+            flops += 2 * rows * kept * out_channels  # Q^T V
+            needed = int(self.needs_input_grad[0]) + int(self.needs_input_grad[1])
+            flops += 2 * rows * kept * patch * needed  # Q^T cols, Q (c Wm)
+        self._sampled_flops = flops
+        return self._result(grad_x, grad_weight, grad_bias)
+
+    def _channel_vjp(self, v):
+        weights = self._channel_weights(v) if self.sketch.needs_cotangent else None
+        sample = self.draw_sample(v.shape[1], weights=weights)
+        compact = sample.compress(v, axis=1)  # rows x k: V S on the kept channels
+        rows, patch, out_channels = self._shapes()
+        kept = sample.kept
+        grad_x = grad_weight = grad_bias = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            kept_weight = sample.project(self._weight_matrix(), axis=0)  # k x C*kh*kw
+            grad_x = self._input_grad(compact @ kept_weight)
+            flops += 2 * rows * kept * patch
+        if self.needs_input_grad[1]:
+            grad_weight = sample.expand(compact.T @ self._lowered(), axis=0)
+            flops += 2 * rows * kept * patch
+        if self._needs_bias_grad():
+            grad_bias = sample.expand(compact.sum(axis=0), axis=0)
+            flops += rows * kept
+        if not sample.is_diagonal:
+            flops += 2 * rows * out_channels * kept  # V Q
+            flops += 2 * kept * out_channels * patch * int(self.needs_input_grad[0])
+            flops += 2 * kept * out_channels * patch * int(self.needs_input_grad[1])
+        self._sampled_flops = flops
+        return self._result(grad_x, grad_weight, grad_bias)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0) -> Tensor:  # noqa: A002
+    """2-D cross-correlation of NCHW ``input`` with ``weight`` (O, C, kh, kw), as in torch."""
+    stride = _pair("conv2d", "stride", stride, 1)
+    padding = _pair("conv2d", "padding", padding, 0)
+    inputs = (input, weight) if bias is None else (input, weight, bias)
+    return record(Conv2d, *(as_tensor(value) for value in inputs), stride=stride, padding=padding)
+
+
+# -- pooling -------------------------------------------------------------------
+
+
+class Pool2d(Primitive):
+    """Shared geometry of the pooling ops: row-local along the batch axis."""
+
+    row_local = True
+
+    def setup(self, x):
+        _check_images(self.name, x)
+        kernel, padding = self.params["kernel_size"], self.params["padding"]
+        if padding[0] * 2 > kernel[0] or padding[1] * 2 > kernel[1]:
+            raise ValueError(
+                f"{self.name}: padding {padding} must be at most half the kernel size {kernel}"
+            )
+        _check_window_fits(self.name, x.shape, kernel, padding)
+
+    def _geometry(self):
+        kh, kw = self.params["kernel_size"]
+        return kh, kw, self.params["stride"], self.params["padding"]
+
+    def _spread(self, piece_at, cotangent):
+        """Add ``piece_at(i, j)`` into every window offset and crop: the VJP's scatter."""
+        xp = array_module(cotangent)
+        kh, kw, stride, padding = self._geometry()
+        batch, channels, height, width = self.input_shapes[0]
+        padded = xp.zeros(
+            (batch, channels, height + 2 * padding[0], width + 2 * padding[1]), cotangent.dtype
+        )
+        add_into_windows(padded, piece_at, kh, kw, stride, *cotangent.shape[2:])
+        return crop_padding(padded, padding)
+
+
+class MaxPool2d(Pool2d):
+    """Maximum over each window (padding counts as ``-inf``); the first maximum wins ties.
+
+    Saves only the position of each window's maximum (one byte per output
+    element for kernels of up to 255 entries).
+    """
+
+    name = "max_pool2d"
+
+    def forward(self, x):
+        self.setup(x)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"max_pool2d: input must be floating point, got dtype {x.dtype}")
+        xp = array_module(x)
+        kh, kw, stride, padding = self._geometry()
+        windows = sliding_windows(pad_images(x, padding, -np.inf), kh, kw, stride)
+        flat = windows.reshape(windows.shape[:4] + (kh * kw,))
+        position = flat.argmax(axis=-1)
+        output = xp.take_along_axis(flat, position[..., None], axis=-1)[..., 0]
+        small = np.uint8 if kh * kw <= 255 else np.int32
+        self.save(position=position.astype(small))
+        return output
+
+    def vjp(self, cotangent):
+        xp = array_module(cotangent)
+        kw = self.params["kernel_size"][1]
+        zero = xp.zeros((), dtype=cotangent.dtype)
+
+        def piece_at(i, j):
+            return xp.where(self.position == i * kw + j, cotangent, zero)
+
+        return (self._spread(piece_at, cotangent),)
+
+    def vjp_flops(self):
+        return int(np.prod(self.output_shape))  # one addition per output element
+
+
+class AvgPool2d(Pool2d):
+    """Mean over each window; padded zeros count in the divisor (torch's default)."""
+
+    name = "avg_pool2d"
+
+    def forward(self, x):
+        self.setup(x)
+        kh, kw, stride, padding = self._geometry()
+        windows = sliding_windows(pad_images(x, padding), kh, kw, stride)
+        return (windows.sum(axis=(4, 5)) / (kh * kw)).astype(x.dtype, copy=False)
+
+    def vjp(self, cotangent):
+        kh, kw = self.params["kernel_size"]
+        share = cotangent / cotangent.dtype.type(kh * kw)
+        return (self._spread(lambda i, j: share, cotangent),)
+
+    def vjp_flops(self):
+        kh, kw = self.params["kernel_size"]
+        return int(np.prod(self.output_shape)) * (kh * kw + 1)
+
+
+def _pool(op_class, input, kernel_size, stride, padding):  # noqa: A002
+    kernel = _pair(op_class.name, "kernel_size", kernel_size, 1)
+    stride = kernel if stride is None else _pair(op_class.name, "stride", stride, 1)
+    padding = _pair(op_class.name, "padding", padding, 0)
+    return record(op_class, as_tensor(input), kernel_size=kernel, stride=stride, padding=padding)
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0) -> Tensor:  # noqa: A002
+    """Max pooling of NCHW ``input``; ``stride`` defaults to ``kernel_size`` (as in torch)."""
+    return _pool(MaxPool2d, input, kernel_size, stride, padding)
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0) -> Tensor:  # noqa: A002
+    """Average pooling of NCHW ``input``, padded zeros counted (``count_include_pad=True``)."""
+    return _pool(AvgPool2d, input, kernel_size, stride, padding)
