@@ -193,5 +193,10 @@ def test_attention_block_gradients_match_the_reference(rng):
     loss.backward()
 
     np.testing.assert_allclose(loss.item(), reference_loss, rtol=1e-12)
+    # The key bias gets no gradient (softmax ignores a shift shared by a row), so its
+    # reference is rounding noise: compare it on the scale of the other gradients.
+    overall = max(float(np.abs(reference).max()) for reference in reference_grads)
     for tensor, reference in zip(inputs, reference_grads, strict=True):
-        assert_close(tensor.grad.numpy(), reference)
+        np.testing.assert_allclose(
+            tensor.grad.numpy(), reference, rtol=1e-10, atol=1e-12 * overall
+        )

@@ -513,6 +513,7 @@ def test_other_dtypes_go_to_the_twins_and_keep_their_dtype(rng):
 def test_parallel_launches_match_twins(rng, monkeypatch):
     # Inputs here are small, so launch() would keep them on one thread: force the threads.
     monkeypatch.setattr(dispatch, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setenv("RBPROP_KERNEL_THREADS", "2")  # kernels use one thread by default
     image = random(rng, (3, 4, 9, 8), np.float64)
     cols = conv.im2col(image, 3, 3, 2, 1)
     assert_close(cols, conv.im2col_reference(image, 3, 3, 2, 1))

@@ -16,7 +16,13 @@ rows back, so the full ``cols`` matrix is never built.
 
 Each function dispatches to a numba kernel for float32/float64 numpy arrays
 and to its ``*_reference`` numpy twin otherwise (cupy, other dtypes, or
-``RBPROP_DISABLE_NUMBA=1``).
+``RBPROP_DISABLE_NUMBA=1``). A 1x1 window is the exception: lowering it is a
+transposed copy of the (strided) image, which numpy's copy loop does faster
+than the row-by-row kernels (0.3 ms against 2.2 ms for a 128 x 64 x 10 x 10
+image, 0.6 against 2.2 ms for ``col2im``, 0.2 against 0.6 ms for a quarter of
+the rows), so ``im2col``, ``im2col_rows`` and ``col2im`` send it to the twins.
+``col2im_rows`` of increasing (so distinct) rows of an unpadded 1x1 window is
+one fancy-indexed assignment (see ``_assign_single_taps``).
 """
 
 from __future__ import annotations
@@ -217,7 +223,12 @@ def col2im_reference(cols, input_shape, kh, kw, stride=1, padding=0):
 
 
 def im2col_rows_reference(x, rows, kh, kw, stride=1, padding=0):
-    """numpy twin of :func:`im2col_rows`: one fancy-indexed gather from the padded image."""
+    """numpy twin of :func:`im2col_rows`: one fancy-indexed gather from the padded image.
+
+    Tap ``(i, j)`` of row ``r`` reads ``padded[n_r, :, oh_r * sh + i, ow_r * sw + j]``;
+    with the channel axis left as a slice, the gather copies whole channel
+    vectors and gives ``(k, kh, kw, C)``, transposed to ``(k, C, kh, kw)`` after.
+    """
     xp = array_module(x)
     out_height, out_width, (sh, sw), (ph, pw) = _geometry(
         "im2col_rows", x.shape, kh, kw, stride, padding
@@ -229,13 +240,10 @@ def im2col_rows_reference(x, rows, kh, kw, stride=1, padding=0):
     # Padded coordinates of every tap: h[r, i] = oh[r] * sh + i, w[r, j] = ow[r] * sw + j.
     h = oh[:, None] * sh + xp.arange(kh)[None, :]
     w = ow[:, None] * sw + xp.arange(kw)[None, :]
-    gathered = _padded(x, ph, pw)[
-        n[:, None, None, None],
-        xp.arange(channels)[None, :, None, None],
-        h[:, None, :, None],
-        w[:, None, None, :],
-    ]
-    return gathered.reshape(rows.size, channels * kh * kw)
+    # Advanced indices on both sides of the channel slice put their axes first.
+    taps = _padded(x, ph, pw)[n[:, None, None], :, h[:, :, None], w[:, None, :]]
+    by_channel = xp.ascontiguousarray(taps.transpose(0, 3, 1, 2))
+    return by_channel.reshape(rows.size, channels * kh * kw)
 
 
 def col2im_rows_reference(cols, rows, input_shape, kh, kw, stride=1, padding=0):
@@ -272,7 +280,7 @@ def _check_cols(name, cols, expected):
 def im2col(x, kh, kw, stride=1, padding=0):
     """Lower NCHW ``x`` to ``(N * OH * OW, C * kh * kw)``: rows ``(n, oh, ow)``, columns
     ``(c, i, j)``. ``stride`` and ``padding`` are ints or ``(rows, columns)`` pairs."""
-    if not use_numba(x):
+    if not use_numba(x) or kh * kw == 1:
         return im2col_reference(x, kh, kw, stride, padding)
     out_height, out_width, (sh, sw), (ph, pw) = _geometry(
         "im2col", x.shape, kh, kw, stride, padding
@@ -286,7 +294,7 @@ def im2col(x, kh, kw, stride=1, padding=0):
 
 def col2im(cols, input_shape, kh, kw, stride=1, padding=0):
     """Adjoint of :func:`im2col`: scatter-add ``cols`` onto an image of ``input_shape``."""
-    if not use_numba(cols):
+    if not use_numba(cols) or kh * kw == 1:
         return col2im_reference(cols, input_shape, kh, kw, stride, padding)
     out_height, out_width, (sh, sw), (ph, pw) = _geometry(
         "col2im", input_shape, kh, kw, stride, padding
@@ -301,7 +309,7 @@ def col2im(cols, input_shape, kh, kw, stride=1, padding=0):
 
 def im2col_rows(x, rows, kh, kw, stride=1, padding=0):
     """Rows ``rows`` of ``im2col(x, ...)`` (kept output positions), without the others."""
-    if not use_numba(x):
+    if not use_numba(x) or kh * kw == 1:
         return im2col_rows_reference(x, rows, kh, kw, stride, padding)
     out_height, out_width, (sh, sw), (ph, pw) = _geometry(
         "im2col_rows", x.shape, kh, kw, stride, padding
@@ -311,6 +319,20 @@ def im2col_rows(x, rows, kh, kw, stride=1, padding=0):
     geometry = (kh, kw, sh, sw, ph, pw, out_height, out_width)
     launch(_im2col_rows_numba, cols.size, np.ascontiguousarray(x), rows, *geometry, cols)
     return cols
+
+
+def _assign_single_taps(cols, rows, input_shape, sh, sw, out_height, out_width):
+    """``col2im_rows`` of a 1x1 window without padding, for distinct ``rows``.
+
+    Each row then reads one pixel per channel and no two rows read the same
+    one, so the scatter is a plain fancy-indexed assignment: 0.3 ms against
+    0.8 ms for the row kernel, for a quarter of the rows of a 128 x 64 x 10 x 10
+    image.
+    """
+    n, oh, ow = _split_rows(rows, out_height, out_width)
+    image = np.zeros(tuple(input_shape), dtype=cols.dtype)
+    image[n, :, oh * sh, ow * sw] = cols  # advanced indices around a slice: (k, C)
+    return image
 
 
 def col2im_rows(cols, rows, input_shape, kh, kw, stride=1, padding=0):
@@ -327,6 +349,8 @@ def col2im_rows(cols, rows, input_shape, kh, kw, stride=1, padding=0):
     batch, channels = input_shape[:2]
     rows = as_indices("col2im_rows", "rows", rows, batch * out_height * out_width)
     _check_cols("col2im_rows", cols, (rows.size, channels * kh * kw))
+    if kh * kw == 1 and (ph, pw) == (0, 0) and np.all(rows[1:] > rows[:-1]):
+        return _assign_single_taps(cols, rows, input_shape, sh, sw, out_height, out_width)
     if rows.size > 1 and np.any(rows[1:] < rows[:-1]):
         order = np.argsort(rows, kind="stable")
         rows, cols = rows[order], cols[order]

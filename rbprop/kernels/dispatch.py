@@ -7,15 +7,38 @@ call gets. Setting ``RBPROP_DISABLE_NUMBA=1`` in the environment sends every
 call to the twins (to compare timings or to rule a kernel out when debugging);
 it is read at each call, so tests may toggle it.
 
-The kernels are compiled with ``parallel=True``. Waking the worker threads of
-a parallel loop costs microseconds on an idle machine and far more on a busy
-one, so :func:`launch` runs kernels with less than :data:`PARALLEL_MIN_WORK`
-elements of work on the calling thread alone. ``NUMBA_NUM_THREADS=1`` keeps
-every kernel on one thread. With numba's OpenMP threading layer, threads that
-wait by spinning (OpenMP's default) can lose whole scheduler time slices, about
-ten milliseconds per parallel loop, when other processes or threads compete
-for the cores; ``OMP_WAIT_POLICY=PASSIVE`` (or ``NUMBA_THREADING_LAYER=workqueue``)
-set before the first kernel runs avoids that.
+Threads. The kernels are compiled with ``parallel=True`` but, by default, run
+on the calling thread only; ``RBPROP_KERNEL_THREADS=N`` (read at each call)
+lets :func:`launch` use up to ``N`` of numba's threads for kernels with at
+least :data:`PARALLEL_MIN_WORK` elements of work. One thread is the default
+because a fork-join loop is only as fast as its slowest thread, and on a
+machine whose cores are busy (other processes, or OpenBLAS's own threads,
+which spin for a long while after each product) the second thread waits for
+a scheduler time slice at every kernel call. Measured on a 2-core machine
+under a load average of 3.5 to 6, seconds per exact training step (batch 128):
+
+====================================  ==========  ==========
+numba threads, OpenBLAS threads        BagNet      ViT
+====================================  ==========  ==========
+2, 2 (numba's default spinning wait)   0.33        2.9
+2, 2 (``OMP_WAIT_POLICY=PASSIVE``)     0.11        2.0
+1, 2                                   0.075       0.18
+2, 1 (passive)                         0.033       0.21
+1, 1                                   0.033       0.20
+====================================  ==========  ==========
+
+Two kernel threads never helped there, and with two BLAS threads they cost
+ten times over. Where the cores are free, raising the thread count may pay
+for the larger kernels; measure first.
+
+Waiting policy. numba's default (OpenMP) threading layer lets idle worker
+threads spin, so that on a loaded machine each parallel kernel call took
+about 8 ms whatever its size (0.2 to 25 ms of work on one thread); with
+``OMP_WAIT_POLICY=PASSIVE`` the workers sleep and the same calls took what one
+thread takes. Importing this module therefore sets ``OMP_WAIT_POLICY=PASSIVE``
+unless the environment already sets it (it must be set before numba starts its
+thread pool). The ``workqueue`` layer measured like the passive one but aborts
+the process when two Python threads launch kernels at once, so it is not used.
 """
 
 from __future__ import annotations
@@ -25,11 +48,15 @@ import os
 import numba
 import numpy as np
 
-# Elements of work below which a kernel runs on one thread: a parallel loop's
-# start-up (a few microseconds, idle) would cost more than the second core saves.
+# Elements of work below which a kernel runs on one thread even where more are
+# allowed: a parallel loop's start-up (microseconds, idle) would cost more than
+# a second core saves.
 PARALLEL_MIN_WORK = 1 << 16
 
 NUMBA_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Before any kernel runs (see the module docstring); an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def numba_disabled() -> bool:
@@ -55,18 +82,33 @@ def use_numba(*arrays) -> bool:
     return True
 
 
+def kernel_threads() -> int:
+    """Threads a large kernel may use: ``RBPROP_KERNEL_THREADS`` (default 1), capped at numba's."""
+    text = os.environ.get("RBPROP_KERNEL_THREADS", "").strip()
+    if not text:
+        return 1
+    try:
+        threads = int(text)
+    except ValueError:
+        raise ValueError(
+            f"RBPROP_KERNEL_THREADS must be a positive integer, got {text!r}"
+        ) from None
+    if threads < 1:
+        raise ValueError(f"RBPROP_KERNEL_THREADS must be a positive integer, got {text!r}")
+    return min(threads, numba.config.NUMBA_NUM_THREADS)
+
+
 def launch(kernel, work: int, *arguments):
-    """Call the compiled ``kernel``, on one thread when ``work`` (elements) is small."""
-    if work >= PARALLEL_MIN_WORK:
+    """Call the compiled ``kernel`` on :func:`kernel_threads` threads (one for small ``work``)."""
+    threads = kernel_threads() if work >= PARALLEL_MIN_WORK else 1
+    previous = numba.get_num_threads()
+    if previous == threads:
         return kernel(*arguments)
-    threads = numba.get_num_threads()
-    if threads == 1:
-        return kernel(*arguments)
-    numba.set_num_threads(1)
+    numba.set_num_threads(threads)
     try:
         return kernel(*arguments)
     finally:
-        numba.set_num_threads(threads)
+        numba.set_num_threads(previous)
 
 
 def as_pair(kernel_name: str, argument: str, value) -> tuple[int, int]:

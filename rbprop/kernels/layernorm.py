@@ -12,7 +12,8 @@ Backward, with cotangent ``v`` and ``g = v * weight``:
 
 The forward returns ``mean`` and ``rstd`` (one per row) for the backward,
 which recomputes ``xhat`` from ``x`` instead of keeping it. The numba kernels
-make one row's passes back to back, in parallel over rows, and sum in float64;
+make one row's passes back to back, in parallel over rows, and sum in float64
+(in any order: see ``_REASSOCIATE``);
 the parameter gradients are summed per block of rows, then over blocks, so
 threads never write the same element. To normalise over several trailing
 axes, reshape them into one first. Each function dispatches to numba for
@@ -31,9 +32,17 @@ from ..primitive import ShapeError
 from .dispatch import launch, use_numba
 
 # ----------------------------------------------------------------------------- numba kernels
+#
+# Strict IEEE order keeps LLVM from vectorising a float64 sum over a row; letting
+# it reassociate made the forward 5 times and the backward 2 times faster on
+# (6400, 64) float32 rows, with results within a few float32 ulps. NaN and inf
+# still propagate: the flags that assume them away (nnan, ninf) are not set.
+# Without "contract" (fused multiply-add) y = x_hat * weight + bias rounds as
+# numpy's twin does.
+_REASSOCIATE = {"reassoc", "nsz", "arcp"}
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _layer_norm_forward_numba(x, weight, bias, eps, y, mean, rstd):
     rows, length = x.shape
     for r in numba.prange(rows):
@@ -48,11 +57,14 @@ def _layer_norm_forward_numba(x, weight, bias, eps, y, mean, rstd):
         row_rstd = 1.0 / math.sqrt(squares / length + eps)
         mean[r] = row_mean
         rstd[r] = row_rstd
+        # The statistics read back in x's dtype, so that this loop runs in it.
+        row_mean_x = mean[r]
+        row_rstd_x = rstd[r]
         for j in range(length):
-            y[r, j] = (x[r, j] - row_mean) * row_rstd * weight[j] + bias[j]
+            y[r, j] = (x[r, j] - row_mean_x) * row_rstd_x * weight[j] + bias[j]
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _layer_norm_backward_numba(
     cotangent, x, weight, mean, rstd, blocks, dx, weight_parts, bias_parts
 ):

@@ -36,9 +36,14 @@ from .dispatch import launch, use_numba
 # SVML), several times slower than numpy's SIMD ``np.exp``. So the forward and
 # log-softmax backward run in three steps on one output buffer: a numba pass,
 # ``np.exp`` in place, a numba pass. numpy alone allocates four temporaries.
+#
+# Strict IEEE order keeps LLVM from vectorising a float64 sum over a row; letting
+# it reassociate made the softmax forward 1.5 and its backward 2.4 times faster on
+# (128, 4, 50, 50) float32 scores. NaN and inf still propagate (no nnan, ninf).
+_REASSOCIATE = {"reassoc", "nsz", "arcp"}
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _shift_by_row_max_numba(x, out, row_max):
     """``out = x - max_j x``, row by row, keeping the maxima."""
     rows, length = x.shape
@@ -51,7 +56,7 @@ def _shift_by_row_max_numba(x, out, row_max):
             out[r, j] = x[r, j] - largest
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _normalize_rows_numba(exps):
     """``exps /= sum_j exps``, row by row (the sum in float64)."""
     rows, length = exps.shape
@@ -64,20 +69,30 @@ def _normalize_rows_numba(exps):
             exps[r, j] *= inverse
 
 
+@numba.njit(cache=True, fastmath=_REASSOCIATE)
+def _row_total(values):
+    """``sum_j values_j`` in float64, in any order."""
+    total = 0.0
+    for j in range(values.size):
+        total += values[j]
+    return total
+
+
 @numba.njit(cache=True, parallel=True)
 def _log_normalize_rows_numba(x, row_max, exps):
-    """``exps = x - m - log(sum_j exps)`` where ``exps`` holds ``exp(x - m)``."""
+    """``exps = (x - m) - log(sum_j exps)`` where ``exps`` holds ``exp(x - m)``.
+
+    Without reassociation, so that ``x - m`` is formed first: it is exact near
+    the maximum, where ``x - (m + log(sum))`` would lose the small difference.
+    """
     rows, length = x.shape
     for r in numba.prange(rows):
-        total = 0.0
+        log_total = math.log(_row_total(exps[r]))
         for j in range(length):
-            total += exps[r, j]
-        shift = row_max[r] + math.log(total)
-        for j in range(length):
-            exps[r, j] = x[r, j] - shift
+            exps[r, j] = (x[r, j] - row_max[r]) - log_total
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _softmax_backward_numba(probabilities, cotangent, out):
     rows, length = probabilities.shape
     for r in numba.prange(rows):
@@ -88,7 +103,7 @@ def _softmax_backward_numba(probabilities, cotangent, out):
             out[r, j] = probabilities[r, j] * (cotangent[r, j] - dot)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _log_softmax_backward_numba(cotangent, out):
     """``out = v - out * sum_j v`` where ``out`` holds the probabilities ``exp(y)``."""
     rows, length = cotangent.shape

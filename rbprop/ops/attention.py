@@ -13,7 +13,8 @@ The exact VJP, for a cotangent ``dO``::
     dQ = dS K,   dK = dS^T Q
 
 and ``rowsum(dP * P) = rowsum(dO * O)``, which lets a sampled VJP form ``dS``
-on a subset of the key columns without the others.
+on a subset of the key columns without the others. The softmax and its VJP
+on whole rows are the fused kernels of :mod:`rbprop.kernels.softmax`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import numpy as np
 
 from ..backend import array_module
+from ..kernels.softmax import softmax, softmax_backward
 from ..primitive import Primitive, ShapeError, sum_to
 from ..tensor import Tensor, as_tensor, record
 from .dropout import check_probability, keep_mask
@@ -32,14 +34,28 @@ def _swap(array):
     return array_module(array).swapaxes(array, -1, -2)
 
 
-def _masked_softmax(scores):
-    """Softmax over the last axis; a row whose entries are all ``-inf`` gives zeros."""
-    xp = array_module(scores)
-    row_max = scores.max(axis=-1, keepdims=True)
-    row_max = xp.where(xp.isfinite(row_max), row_max, 0)
-    exponentials = xp.exp(scores - row_max)
-    total = exponentials.sum(axis=-1, keepdims=True)
-    return exponentials / xp.where(total > 0, total, 1)
+def _masked_softmax(scores, may_mask_whole_rows: bool):
+    """Softmax over the last axis; a row whose entries are all ``-inf`` gives zeros.
+
+    Only a mask can make a whole row ``-inf`` (where softmax is 0 / 0), so the
+    rows are checked only when ``may_mask_whole_rows``; such rows are replaced
+    by zeros before the softmax and their probabilities zeroed after it.
+    """
+    if may_mask_whole_rows:
+        xp = array_module(scores)
+        empty = xp.all(scores == -np.inf, axis=-1)
+        if bool(empty.any()):
+            probs = softmax(xp.where(empty[..., None], 0, scores))
+            probs[empty] = 0
+            return probs
+    return softmax(scores)
+
+
+def _softmax_vjp(probs, d_probs):
+    """``P * (dP - rowsum(dP * P))``: fused when the two have one shape (no broadcasting)."""
+    if probs.shape == d_probs.shape:
+        return softmax_backward(probs, d_probs)
+    return probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
 
 
 def _squared_norms_along(array, axis):
@@ -99,7 +115,9 @@ class ScaledDotProductAttention(Primitive):
 
         scores = (query @ _swap(key)) * query.dtype.type(self.scale)
         scores = self._apply_mask(scores)
-        probs = _masked_softmax(scores).astype(query.dtype, copy=False)
+        # A causal mask leaves every query row at least its first key.
+        user_mask = self.params["attn_mask"] is not None
+        probs = _masked_softmax(scores, user_mask).astype(query.dtype, copy=False)
         keep = None
         dropout_p = self.params["dropout_p"]
         if dropout_p > 0:
@@ -228,10 +246,12 @@ class ScaledDotProductAttention(Primitive):
             d_probs = d_out @ _swap(arrays["value"])  # dP = dO V^T
             if keep is not None:
                 d_probs = self._dropped(d_probs, keep)
-            if delta is None:
-                delta = (d_probs * probs).sum(axis=-1, keepdims=True)
             # dS = P * (dP - rowsum(dP * P)) * scale
-            d_scores = probs * (d_probs - delta) * d_out.dtype.type(self.scale)
+            if delta is None:  # whole rows of P: the fused softmax VJP
+                d_scores = _softmax_vjp(probs, d_probs)
+                d_scores *= d_out.dtype.type(self.scale)
+            else:
+                d_scores = probs * (d_probs - delta) * d_out.dtype.type(self.scale)
             if key_scales is not None:
                 d_scores = d_scores * key_scales
             if needs_query:

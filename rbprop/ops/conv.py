@@ -9,8 +9,9 @@ and ``V`` the cotangent laid out as ``(N*OH*OW, O)``::
     Y = cols Wm^T,      dW = V^T cols,      dX = col2im(V Wm).
 
 :func:`col2im` is the adjoint of :func:`im2col`: it adds each row back into
-the window it was read from. Both are small plain-numpy functions kept at the
-top of this file so that compiled kernels can replace them one for one.
+the window it was read from. Both, and their kept-rows variants, are the
+compiled kernels of :mod:`rbprop.kernels.conv` (numpy twins on cupy); so are
+the pooling loops (:mod:`rbprop.kernels.pool`).
 
 Sampled VJPs of ``conv2d`` (see :class:`Conv2d`) sketch either the rows of the
 lowered problem (``"contracted"``, spatial position x batch, the default) or
@@ -23,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ..kernels import conv as conv_kernels
+from ..kernels import pool as pool_kernels
 from ..primitive import Primitive, ShapeError
 from ..tensor import Tensor, as_tensor, record
 from .linalg import _sum_rows
@@ -67,41 +70,9 @@ def im2col(x, kh, kw, stride, padding, rows=None):
     rows, in that order: what a sampled VJP reads, without building all of
     ``cols``.
     """
-    batch, channels = x.shape[:2]
-    windows = sliding_windows(pad_images(x, padding), kh, kw, stride)
-    out_h, out_w = windows.shape[2:4]
-    by_position = windows.transpose(0, 2, 3, 1, 4, 5)  # N, OH, OW, C, kh, kw
     if rows is None:
-        return by_position.reshape(batch * out_h * out_w, channels * kh * kw)
-    xp = array_module(x)
-    rows = xp.asarray(rows)
-    image, rest = rows // (out_h * out_w), rows % (out_h * out_w)
-    picked = by_position[image, rest // out_w, rest % out_w]
-    return picked.reshape(rows.shape[0], channels * kh * kw)
-
-
-def add_into_windows(target, piece_at, kh, kw, stride, out_h, out_w):
-    """``target[:, :, window (oh, ow) at offset (i, j)] += piece_at(i, j)[:, :, oh, ow]``.
-
-    ``target`` is a padded (N, C, Hp, Wp) array; ``piece_at(i, j)`` returns the
-    (N, C, OH, OW) values that land on kernel offset ``(i, j)`` of each window.
-    One strided slice per kernel offset, so overlapping windows add up.
-    """
-    stride_h, stride_w = stride
-    for i in range(kh):
-        for j in range(kw):
-            rows = slice(i, i + stride_h * (out_h - 1) + 1, stride_h)
-            columns = slice(j, j + stride_w * (out_w - 1) + 1, stride_w)
-            target[:, :, rows, columns] += piece_at(i, j)
-
-
-def crop_padding(padded, padding):
-    """Drop the padded border of a (N, C, Hp, Wp) array."""
-    pad_h, pad_w = padding
-    height, width = padded.shape[2] - 2 * pad_h, padded.shape[3] - 2 * pad_w
-    return array_module(padded).ascontiguousarray(
-        padded[:, :, pad_h : pad_h + height, pad_w : pad_w + width]
-    )
+        return conv_kernels.im2col(x, kh, kw, stride, padding)
+    return conv_kernels.im2col_rows(x, rows, kh, kw, stride, padding)
 
 
 def col2im(cols, input_shape, kh, kw, stride, padding, rows=None):
@@ -109,21 +80,12 @@ def col2im(cols, input_shape, kh, kw, stride, padding, rows=None):
 
     ``cols`` has shape (N*OH*OW, C*kh*kw), or (len(rows), C*kh*kw) when ``rows``
     (distinct flat output positions) says which rows it holds; the others are
-    zero. The result has ``input_shape``.
+    zero and are never formed. The result has ``input_shape``.
     """
-    xp = array_module(cols)
-    batch, channels, height, width = input_shape
-    pad_h, pad_w = padding
-    out_h = output_size(height, kh, stride[0], pad_h)
-    out_w = output_size(width, kw, stride[1], pad_w)
-    if rows is not None:
-        full = xp.zeros((batch * out_h * out_w, cols.shape[1]), dtype=cols.dtype)
-        full[xp.asarray(rows)] = cols
-        cols = full
-    patches = cols.reshape(batch, out_h, out_w, channels, kh, kw).transpose(0, 3, 1, 2, 4, 5)
-    padded = xp.zeros((batch, channels, height + 2 * pad_h, width + 2 * pad_w), cols.dtype)
-    add_into_windows(padded, lambda i, j: patches[..., i, j], kh, kw, stride, out_h, out_w)
-    return crop_padding(padded, padding)
+    input_shape = tuple(input_shape)
+    if rows is None:
+        return conv_kernels.col2im(cols, input_shape, kh, kw, stride, padding)
+    return conv_kernels.col2im_rows(cols, rows, input_shape, kh, kw, stride, padding)
 
 
 # -- argument checks -------------------------------------------------------------
@@ -178,6 +140,13 @@ class Conv2d(Primitive):
     The exact VJP saves whichever of ``x`` and ``cols`` is smaller and lowers
     ``x`` again in backward when it kept ``x``.
 
+    A pointwise convolution (1x1 kernel, stride 1, no padding) skips the
+    lowering: image ``n`` seen as the (C, H*W) matrix ``X_n`` gives
+    ``Y_n = Wm X_n``, ``dX_n = Wm^T V_n`` and ``dW = sum_n V_n X_n^T``, batched
+    matrix products on the NCHW arrays as they are, without the transposed
+    copies that ``cols`` and ``V`` would need (its sampled VJPs take the general
+    path).
+
     Importance weights: rows, ``a_i = ||v_i|| sqrt(||cols_i||^2 + ||Wm||_F^2 / O)``;
     channels, ``a_j = ||V_j|| sqrt(||Wm_j||^2 + ||cols||_F^2 / O)`` (each term
     only when its gradient is needed; the second one is an isotropic estimate,
@@ -195,18 +164,27 @@ class Conv2d(Primitive):
         out_h = output_size(height, kh, stride[0], padding[0])
         out_w = output_size(width, kw, stride[1], padding[1])
 
-        cols = im2col(x, kh, kw, stride, padding)
-        output = cols @ weight.reshape(out_channels, -1).T
-        if bias is not None:
-            output += bias
-        output = output.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
+        xp = array_module(x)
+        if self._pointwise():
+            cols = None
+            planes = x.reshape(batch, x.shape[1], height * width)
+            output = xp.matmul(weight.reshape(out_channels, -1), planes)  # Y_n = Wm X_n
+            if bias is not None:
+                output += bias[:, None]
+            output = output.reshape(batch, out_channels, out_h, out_w)
+        else:
+            cols = im2col(x, kh, kw, stride, padding)
+            output = cols @ weight.reshape(out_channels, -1).T
+            if bias is not None:
+                output += bias
+            output = output.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
 
         self.placement = self.placement or self.default_placement
         if self.placement not in ("contracted", "cotangent"):
             raise ValueError(f"conv2d: unknown placement {self.placement!r}")
         if self.recording:
-            self._save_for_backward(x, cols, weight)
-        return array_module(output).ascontiguousarray(output)
+            self._save_for_backward(x, cols, weight, batch * out_h * out_w)
+        return xp.ascontiguousarray(output)
 
     def _check(self, x, weight, bias):
         _check_images("conv2d", x)
@@ -226,20 +204,34 @@ class Conv2d(Primitive):
             )
         _check_window_fits("conv2d", x.shape, weight.shape[2:], self.params["padding"])
 
-    def _save_for_backward(self, x, cols, weight):
+    def _save_for_backward(self, x, cols, weight, rows):
+        """Keep ``weight`` for dX and, for dW, the smaller of ``x`` and the needed rows of cols.
+
+        ``cols`` is None where the forward pass did not lower ``x`` (pointwise).
+        """
         needs_x, needs_weight = self.needs_input_grad[:2]
-        kept_rows = cols.shape[0]
+        kept_rows = rows
         if self.placement == "contracted" and self.wants_forward_sample():
             # Drawn now, so that only what the sampled VJP reads is kept.
-            self.sample = self.draw_sample(cols.shape[0])
+            self.sample = self.draw_sample(rows)
             kept_rows = self.sample.kept
         lowered = image = None
         if needs_weight:
-            if kept_rows * cols.shape[1] < x.size:
-                lowered = cols if self.sample is None else self.sample.project(cols, axis=0)
+            if kept_rows * int(np.prod(weight.shape[1:])) < x.size:
+                lowered = self._lower_for_saving(x, cols, self.sample)
             else:
                 image = x
         self.save(cols=lowered, image=image, weight=weight if needs_x else None)
+
+    def _lower_for_saving(self, x, cols, sample):
+        """The rows of ``cols`` that ``sample`` keeps (all of them without one)."""
+        if cols is not None:
+            return cols if sample is None else sample.project(cols, axis=0)
+        kh, kw, stride, padding = self._geometry()
+        if sample is not None and sample.is_diagonal:
+            return im2col(x, kh, kw, stride, padding, rows=sample.indices)
+        cols = im2col(x, kh, kw, stride, padding)
+        return cols if sample is None else sample.project(cols, axis=0)
 
     # -- shared pieces ---------------------------------------------------------
 
@@ -254,9 +246,14 @@ class Conv2d(Primitive):
         kh, kw = self.input_shapes[1][2:]
         return kh, kw, self.params["stride"], self.params["padding"]
 
+    def _pointwise(self):
+        """A 1x1 kernel with stride 1 and no padding: a matrix product per image."""
+        return self._geometry() == (1, 1, (1, 1), (0, 0))
+
     def _cotangent_rows(self, cotangent):
         """The cotangent (N, O, OH, OW) as the (N*OH*OW, O) matrix ``V``."""
-        return cotangent.transpose(0, 2, 3, 1).reshape(-1, cotangent.shape[1])
+        batch, channels, out_h, out_w = cotangent.shape
+        return cotangent.transpose(0, 2, 3, 1).reshape(batch * out_h * out_w, channels)
 
     def _weight_matrix(self):
         return self.weight.reshape(self.weight.shape[0], -1)
@@ -291,14 +288,46 @@ class Conv2d(Primitive):
     # -- exact -------------------------------------------------------------------
 
     def vjp(self, cotangent):
-        v = self._cotangent_rows(cotangent)
+        if self._pointwise() and self.cols is None:
+            return self._pointwise_vjp(cotangent)
+        # The rows of V for image n are the columns of its (O, OH*OW) cotangent plane
+        # V_n, so products with V run per image on the planes, without transposing V.
+        xp = array_module(cotangent)
+        batch, out_channels = cotangent.shape[:2]
+        v_planes = cotangent.reshape(batch, out_channels, -1)  # V_n: O x OH*OW
+        rows, patch, _ = self._shapes()
         grad_x = grad_weight = grad_bias = None
         if self.needs_input_grad[0]:
-            grad_x = self._input_grad(v @ self._weight_matrix())  # dX = col2im(V Wm)
+            # dX = col2im(V Wm), image n's rows of V Wm being V_n^T Wm.
+            cols_grad = xp.matmul(v_planes.transpose(0, 2, 1), self._weight_matrix())
+            grad_x = self._input_grad(cols_grad.reshape(rows, patch))
         if self.needs_input_grad[1]:
-            grad_weight = v.T @ self._lowered()  # dW = V^T cols
+            lowered = self._lowered()  # dW = V^T cols
+            if patch <= v_planes.shape[2]:
+                # = sum_n V_n cols_n: the per-image products (O x C*kh*kw each) are no
+                # larger than V, so they cost less than V's transposed copy.
+                cols_planes = lowered.reshape(batch, -1, patch)
+                grad_weight = xp.matmul(v_planes, cols_planes).sum(axis=0)
+            else:
+                grad_weight = self._cotangent_rows(cotangent).T @ lowered
         if self._needs_bias_grad():
-            grad_bias = v.sum(axis=0)
+            grad_bias = v_planes.sum(axis=(0, 2))
+        return self._result(grad_x, grad_weight, grad_bias)
+
+    def _pointwise_vjp(self, cotangent):
+        xp = array_module(cotangent)
+        batch, out_channels = cotangent.shape[:2]
+        v_planes = cotangent.reshape(batch, out_channels, -1)  # V_n: O x H*W
+        grad_x = grad_weight = grad_bias = None
+        if self.needs_input_grad[0]:
+            # dX_n = Wm^T V_n
+            grad_x = xp.matmul(self._weight_matrix().T, v_planes).reshape(self.input_shapes[0])
+        if self.needs_input_grad[1]:
+            # dW = sum_n V_n X_n^T: one small product per image, then their sum.
+            x_planes = self.image.reshape(batch, self.image.shape[1], -1)
+            grad_weight = xp.matmul(v_planes, x_planes.transpose(0, 2, 1)).sum(axis=0)
+        if self._needs_bias_grad():
+            grad_bias = v_planes.sum(axis=(0, 2))
         return self._result(grad_x, grad_weight, grad_bias)
 
     def vjp_flops(self):
@@ -310,10 +339,9 @@ class Conv2d(Primitive):
     # -- sampled -----------------------------------------------------------------
 
     def sampled_vjp(self, cotangent):
-        v = self._cotangent_rows(cotangent)
         if self.placement == "contracted":
-            return self._contracted_vjp(v)
-        return self._channel_vjp(v)
+            return self._contracted_vjp(cotangent)
+        return self._channel_vjp(cotangent)
 
     def _patch_squared_norms(self):
         """``||cols_i||^2`` for every row, from ``cols`` or as a box sum over ``x^2``."""
@@ -325,35 +353,59 @@ class Conv2d(Primitive):
         windows = sliding_windows(pad_images(squared, padding), kh, kw, stride)
         return xp.ascontiguousarray(windows.sum(axis=(1, 4, 5))).reshape(-1)
 
-    def _row_weights(self, v):
-        xp = array_module(v)
+    def _row_weights(self, cotangent):
+        """``a_i`` of every row ``(n, oh, ow)``, read from the (N, O, OH, OW) cotangent."""
+        xp = array_module(cotangent)
+        out_channels = cotangent.shape[1]
         meets = 0.0
         if self.needs_input_grad[1]:
             meets = meets + self._patch_squared_norms()
         if self.needs_input_grad[0]:
-            meets = meets + float((self.weight.astype(np.float64) ** 2).sum()) / v.shape[1]
-        return xp.sqrt((v.astype(np.float64) ** 2).sum(axis=1) * meets)
+            meets = meets + float((self.weight.astype(np.float64) ** 2).sum()) / out_channels
+        squared = (cotangent.astype(np.float64) ** 2).sum(axis=1).reshape(-1)  # ||v_i||^2
+        return xp.sqrt(squared * meets)
 
-    def _channel_weights(self, v):
-        xp = array_module(v)
+    def _channel_weights(self, cotangent):
+        """``a_j`` of every output channel, read from the (N, O, OH, OW) cotangent."""
+        xp = array_module(cotangent)
+        out_channels = cotangent.shape[1]
         meets = 0.0
         if self.needs_input_grad[0]:
             meets = meets + (self._weight_matrix().astype(np.float64) ** 2).sum(axis=1)
         if self.needs_input_grad[1]:
-            meets = meets + float(self._patch_squared_norms().sum()) / v.shape[1]
-        return xp.sqrt((v.astype(np.float64) ** 2).sum(axis=0) * meets)
+            meets = meets + float(self._patch_squared_norms().sum()) / out_channels
+        squared = (cotangent.astype(np.float64) ** 2).sum(axis=(0, 2, 3))  # ||V_j||^2
+        return xp.sqrt(squared * meets)
 
-    def _contracted_vjp(self, v):
+    def _kept_cotangent_rows(self, cotangent, sample):
+        """``S V`` on the kept rows (k x O), gathered from the (N, O, OH, OW) cotangent.
+
+        A diagonal sample reads its rows ``(n, oh, ow)`` straight from the
+        cotangent, without forming the transposed (N*OH*OW, O) matrix ``V``;
+        a projection mixes every row, so it needs all of ``V``.
+        """
+        if not sample.is_diagonal:
+            return sample.compress(self._cotangent_rows(cotangent), axis=0)
+        xp = array_module(cotangent)
+        batch, out_channels, out_h, out_w = cotangent.shape
+        image, position = np.divmod(sample.indices, out_h * out_w)
+        planes = cotangent.reshape(batch, out_channels, out_h * out_w)
+        # Advanced indices around a slice put the kept axis first: (k, O).
+        kept_rows = planes[xp.asarray(image), :, xp.asarray(position)]
+        return kept_rows * xp.asarray(sample.scales, dtype=cotangent.dtype)[:, None]
+
+    def _contracted_vjp(self, cotangent):
+        rows, patch, out_channels = self._shapes()
         sample = self.sample
         if sample is None:  # importance: drawn now, from the cotangent
-            sample = self.draw_sample(v.shape[0], weights=self._row_weights(v))
-        compact = sample.compress(v, axis=0)  # k x O: the kept rows of S V
-        rows, patch, out_channels = self._shapes()
+            sample = self.draw_sample(rows, weights=self._row_weights(cotangent))
+        compact = self._kept_cotangent_rows(cotangent, sample)  # k x O: the kept rows of S V
         kept = sample.kept
         grad_x = grad_weight = grad_bias = None
         flops = 0
         if self.needs_input_grad[0]:
-            # dX = col2im(S V Wm): the GEMM runs on the k kept rows only.
+            # dX = col2im(S V Wm): the GEMM runs on the k kept rows, and col2im_rows
+            # adds just those rows back (the zero rows of S V Wm are never formed).
             partial = compact @ self._weight_matrix()
             if sample.is_diagonal:
                 grad_x = self._input_grad(partial, rows=sample.indices)
@@ -364,7 +416,7 @@ class Conv2d(Primitive):
             grad_weight = compact.T @ self._lowered(sample)  # dW = V_k^T cols_k
             flops += 2 * kept * out_channels * patch
         if self._needs_bias_grad():
-            grad_bias = _sum_rows(sample, compact, array_module(v))
+            grad_bias = _sum_rows(sample, compact, array_module(cotangent))
             flops += kept * out_channels
         if not sample.is_diagonal:
             flops += 2 * rows * kept * out_channels  # Q^T V
@@ -373,10 +425,11 @@ class Conv2d(Primitive):
         self._sampled_flops = flops
         return self._result(grad_x, grad_weight, grad_bias)
 
-    def _channel_vjp(self, v):
-        weights = self._channel_weights(v) if self.sketch.needs_cotangent else None
-        sample = self.draw_sample(v.shape[1], weights=weights)
-        compact = sample.compress(v, axis=1)  # rows x k: V S on the kept channels
+    def _channel_vjp(self, cotangent):
+        weights = self._channel_weights(cotangent) if self.sketch.needs_cotangent else None
+        sample = self.draw_sample(cotangent.shape[1], weights=weights)
+        # rows x k: V S on the kept channels, gathered before the transpose to rows.
+        compact = self._cotangent_rows(sample.compress(cotangent, axis=1))
         rows, patch, out_channels = self._shapes()
         kept = sample.kept
         grad_x = grad_weight = grad_bias = None
@@ -425,26 +478,16 @@ class Pool2d(Primitive):
         _check_window_fits(self.name, x.shape, kernel, padding)
 
     def _geometry(self):
-        kh, kw = self.params["kernel_size"]
-        return kh, kw, self.params["stride"], self.params["padding"]
-
-    def _spread(self, piece_at, cotangent):
-        """Add ``piece_at(i, j)`` into every window offset and crop: the VJP's scatter."""
-        xp = array_module(cotangent)
-        kh, kw, stride, padding = self._geometry()
-        batch, channels, height, width = self.input_shapes[0]
-        padded = xp.zeros(
-            (batch, channels, height + 2 * padding[0], width + 2 * padding[1]), cotangent.dtype
-        )
-        add_into_windows(padded, piece_at, kh, kw, stride, *cotangent.shape[2:])
-        return crop_padding(padded, padding)
+        """``(kernel_size, stride, padding)``, as the pooling kernels take them."""
+        return self.params["kernel_size"], self.params["stride"], self.params["padding"]
 
 
 class MaxPool2d(Pool2d):
     """Maximum over each window (padding counts as ``-inf``); the first maximum wins ties.
 
     Saves only the position of each window's maximum (one byte per output
-    element for kernels of up to 255 entries).
+    element for kernels of up to 255 entries); the VJP adds each cotangent to
+    the pixel at that position.
     """
 
     name = "max_pool2d"
@@ -453,45 +496,35 @@ class MaxPool2d(Pool2d):
         self.setup(x)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"max_pool2d: input must be floating point, got dtype {x.dtype}")
-        xp = array_module(x)
-        kh, kw, stride, padding = self._geometry()
-        windows = sliding_windows(pad_images(x, padding, -np.inf), kh, kw, stride)
-        flat = windows.reshape(windows.shape[:4] + (kh * kw,))
-        position = flat.argmax(axis=-1)
-        output = xp.take_along_axis(flat, position[..., None], axis=-1)[..., 0]
-        small = np.uint8 if kh * kw <= 255 else np.int32
-        self.save(position=position.astype(small))
+        output, position = pool_kernels.max_pool2d(x, *self._geometry())
+        self.save(position=position)
         return output
 
     def vjp(self, cotangent):
-        xp = array_module(cotangent)
-        kw = self.params["kernel_size"][1]
-        zero = xp.zeros((), dtype=cotangent.dtype)
-
-        def piece_at(i, j):
-            return xp.where(self.position == i * kw + j, cotangent, zero)
-
-        return (self._spread(piece_at, cotangent),)
+        shape = self.input_shapes[0]
+        return (
+            pool_kernels.max_pool2d_backward(cotangent, self.position, shape, *self._geometry()),
+        )
 
     def vjp_flops(self):
         return int(np.prod(self.output_shape))  # one addition per output element
 
 
 class AvgPool2d(Pool2d):
-    """Mean over each window; padded zeros count in the divisor (torch's default)."""
+    """Mean over each window; padded zeros count in the divisor (torch's default).
+
+    The VJP spreads ``v / (kh kw)`` over every pixel of the window.
+    """
 
     name = "avg_pool2d"
 
     def forward(self, x):
         self.setup(x)
-        kh, kw, stride, padding = self._geometry()
-        windows = sliding_windows(pad_images(x, padding), kh, kw, stride)
-        return (windows.sum(axis=(4, 5)) / (kh * kw)).astype(x.dtype, copy=False)
+        return pool_kernels.avg_pool2d(x, *self._geometry())
 
     def vjp(self, cotangent):
-        kh, kw = self.params["kernel_size"]
-        share = cotangent / cotangent.dtype.type(kh * kw)
-        return (self._spread(lambda i, j: share, cotangent),)
+        shape = self.input_shapes[0]
+        return (pool_kernels.avg_pool2d_backward(cotangent, shape, *self._geometry()),)
 
     def vjp_flops(self):
         kh, kw = self.params["kernel_size"]

@@ -14,7 +14,8 @@ import math
 import numpy as np
 
 from ..backend import array_module
-from ..kernels.special import erf
+from ..kernels.gelu import gelu as fused_gelu
+from ..kernels.gelu import gelu_backward as fused_gelu_backward
 from ..primitive import Primitive, broadcast_shapes, sum_to
 from ..tensor import Tensor, as_tensor, record
 
@@ -310,19 +311,16 @@ class Gelu(Elementwise):
         if self.params.get("approximate", "none") == "tanh":
             inner = _TANH_SCALE * (x + 0.044715 * x**3)
             return (0.5 * x * (1 + xp.tanh(inner))).astype(x.dtype)
-        return (0.5 * x * (1 + erf(x / math.sqrt(2)))).astype(x.dtype)
+        return fused_gelu(x)  # x Phi(x), one pass (rbprop.kernels.gelu)
 
     def chain(self, v, x, out):
+        if self.params.get("approximate", "none") != "tanh":
+            return (fused_gelu_backward(v, x),)  # v (Phi(x) + x phi(x))
         xp = array_module(x)
-        if self.params.get("approximate", "none") == "tanh":
-            inner = _TANH_SCALE * (x + 0.044715 * x**3)
-            tanh_inner = xp.tanh(inner)
-            d_inner = _TANH_SCALE * (1 + 3 * 0.044715 * x**2)
-            derivative = 0.5 * (1 + tanh_inner) + 0.5 * x * (1 - tanh_inner**2) * d_inner
-        else:
-            cdf = 0.5 * (1 + erf(x / math.sqrt(2)))
-            pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-            derivative = cdf + x * pdf
+        inner = _TANH_SCALE * (x + 0.044715 * x**3)
+        tanh_inner = xp.tanh(inner)
+        d_inner = _TANH_SCALE * (1 + 3 * 0.044715 * x**2)
+        derivative = 0.5 * (1 + tanh_inner) + 0.5 * x * (1 - tanh_inner**2) * d_inner
         return ((v * derivative).astype(v.dtype),)
 
 

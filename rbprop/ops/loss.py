@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ..kernels.softmax import log_softmax
 from ..primitive import Primitive, ShapeError
 from ..tensor import Tensor, as_tensor, record
 
@@ -40,8 +41,7 @@ class CrossEntropy(Primitive):
         self.row_local = reduction == "none"
         xp = array_module(logits)
 
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        log_probs = log_softmax(logits)  # fused: x - max - log(sum(exp(x - max)))
         picked = xp.take_along_axis(log_probs, target[:, None], axis=1)[:, 0]
         losses = -(1 - smoothing) * picked
         if smoothing:

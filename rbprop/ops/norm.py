@@ -21,6 +21,8 @@ import numbers
 import numpy as np
 
 from ..backend import array_module
+from ..kernels.batchnorm import batch_norm_backward, batch_norm_normalize, batch_norm_statistics
+from ..kernels.layernorm import layer_norm_backward, layer_norm_forward
 from ..primitive import Primitive, ShapeError
 from ..tensor import Tensor, as_tensor, record
 
@@ -61,6 +63,13 @@ class LayerNorm(Normalization):
     and means over the normalised axes; ``dweight = sum(v * x_hat)`` and
     ``dbias = sum(v)`` over the leading axes. Row-local when at least one
     leading axis exists; importance weights are ``||v_i||`` (rows).
+
+    Forward and VJP are the fused kernels of :mod:`rbprop.kernels.layernorm`,
+    with the normalised axes flattened into one. The op saves the input and
+    the per-row ``mean`` and ``rstd`` (``x_hat`` is recomputed in the VJP, so no
+    array of the input's size is created for backward). The statistics keep the
+    input's rank, with the normalised axes of length 1, so that the kept-rows
+    evaluation of the sampled VJP restricts them together with ``x``.
     """
 
     name = "layer_norm"
@@ -81,36 +90,46 @@ class LayerNorm(Normalization):
                 )
         self.axes = tuple(range(x.ndim - count, x.ndim))
         self.row_local = x.ndim > count
-        xp = array_module(x)
 
-        centred = x - x.mean(axis=self.axes, keepdims=True)
-        variance = (centred * centred).mean(axis=self.axes, keepdims=True)
-        rstd = 1 / xp.sqrt(variance + self.params["eps"])  # 1 / sqrt(var + eps)
-        x_hat = centred * rstd
-        output = x_hat if weight is None else x_hat * weight
-        if bias is not None:
-            output = output + bias
-
+        output, mean, rstd = layer_norm_forward(
+            self._rows(x), _flat(weight), _flat(bias), self.params["eps"]
+        )
         if self.recording:
             needs_x = self._needs("x")
+            needs_x_hat = needs_x or self._needs("weight")
+            statistics_shape = x.shape[: x.ndim - count] + (1,) * count
             self.save(
-                x_hat=x_hat if needs_x or self._needs("weight") else None,
-                rstd=rstd if needs_x else None,
+                x=x if needs_x_hat else None,
+                mean=mean.reshape(statistics_shape) if needs_x_hat else None,
+                rstd=rstd.reshape(statistics_shape) if needs_x_hat else None,
                 weight=weight if needs_x else None,
             )
-        return output.astype(x.dtype, copy=False)
+        return output.reshape(x.shape)
+
+    def _rows(self, array):
+        """``array`` with its normalised axes flattened into one last axis."""
+        leading = array.shape[: array.ndim - len(self.axes)]
+        return array.reshape(leading + (int(np.prod(self.params["normalized_shape"])),))
 
     def vjp(self, cotangent):
         leading = tuple(range(cotangent.ndim - len(self.axes)))
         grad_x = grad_weight = grad_bias = None
-        if self._needs("x"):
-            g = cotangent if self.weight is None else cotangent * self.weight
-            mean_g = g.mean(axis=self.axes, keepdims=True)
-            mean_g_x_hat = (g * self.x_hat).mean(axis=self.axes, keepdims=True)
-            grad_x = self.rstd * (g - mean_g - self.x_hat * mean_g_x_hat)
-        if self._needs("weight"):
-            grad_weight = (cotangent * self.x_hat).sum(axis=leading)
-        if self._needs("bias"):
+        if self._needs("x") or self._needs("weight"):
+            statistics_shape = cotangent.shape[: len(leading)]
+            # Without a saved weight (only dweight, dbias wanted) the kernel's dx,
+            # computed for a weight of ones, is discarded.
+            grad_x, grad_weight, grad_bias = layer_norm_backward(
+                self._rows(cotangent),
+                self._rows(self.x),
+                _flat(self.weight),
+                self.mean.reshape(statistics_shape),
+                self.rstd.reshape(statistics_shape),
+            )
+            grad_x = grad_x.reshape(cotangent.shape) if self._needs("x") else None
+            normalized = self.params["normalized_shape"]
+            grad_weight = grad_weight.reshape(normalized) if self._needs("weight") else None
+            grad_bias = grad_bias.reshape(normalized) if self._needs("bias") else None
+        elif self._needs("bias"):
             grad_bias = cotangent.sum(axis=leading)
         return self._grads(grad_x, grad_weight, grad_bias)
 
@@ -124,6 +143,11 @@ class LayerNorm(Normalization):
         if self.row_local:
             return self.row_sampled_vjp(cotangent)
         return self.sketched_cotangent_vjp(cotangent)
+
+
+def _flat(parameter):
+    """A weight or bias of ``normalized_shape`` as the 1-D vector the kernels take."""
+    return None if parameter is None else parameter.reshape(-1)
 
 
 class BatchNorm(Normalization):
@@ -140,6 +164,11 @@ class BatchNorm(Normalization):
     ``||J_c||^2 <= (weight_c rstd_c)^2 + ||x_hat_c||^2 + m`` (the bound on each
     needed part: the centring projection has norm 1, ``dweight_c = v_c . x_hat_c``,
     ``dbias_c = v_c . 1``), with ``||x_hat_c||^2 = m (1 - eps rstd_c^2)``.
+
+    Statistics, normalisation and VJP are the fused kernels of
+    :mod:`rbprop.kernels.batchnorm`, on the input seen as (N, C, S). The op
+    saves the input and the per-channel ``mean`` and ``rstd``; ``x_hat`` is
+    recomputed in the VJP rather than kept.
     """
 
     name = "batch_norm"
@@ -160,40 +189,38 @@ class BatchNorm(Normalization):
         self.reduced_axes = (0,) + tuple(range(2, x.ndim))
         xp = array_module(x)
 
+        planes = _planes(x)
         if training:
-            mean, variance = self._batch_statistics(x)
+            mean, variance = self._batch_statistics(planes)
         else:
             mean, variance = self._running_statistics(x)
         rstd = (1 / xp.sqrt(variance + self.params["eps"])).astype(x.dtype, copy=False)
         mean = mean.astype(x.dtype, copy=False)
-        x_hat = (x - self._per_channel(mean)) * self._per_channel(rstd)
-        output = x_hat if weight is None else x_hat * self._per_channel(weight)
-        if bias is not None:
-            output = output + self._per_channel(bias)
+        output = batch_norm_normalize(planes, mean, rstd, weight, bias).reshape(x.shape)
 
         if self.recording:
             needs_x = self._needs("x")
+            needs_x_hat = self._needs("weight") or (training and needs_x)
             self.save(
-                x_hat=x_hat if self._needs("weight") or (training and needs_x) else None,
+                x=x if needs_x_hat else None,
+                mean=mean if needs_x_hat else None,
                 # The importance weights of training mode read rstd as well.
-                rstd=rstd if needs_x or (training and self.sketch is not None) else None,
+                rstd=rstd
+                if needs_x or needs_x_hat or (training and self.sketch is not None)
+                else None,
                 weight=weight if needs_x else None,
             )
-        return output.astype(x.dtype, copy=False)
+        return output
 
-    def _per_channel(self, values):
-        """A (C,) array shaped (1, C, 1, ...) to broadcast against the input."""
-        return values.reshape((1, -1) + (1,) * (len(self.input_shapes[0]) - 2))
-
-    def _batch_statistics(self, x):
-        count = x.size // x.shape[1]
+    def _batch_statistics(self, planes):
+        count = planes.shape[0] * planes.shape[2]
         if count <= 1:
             raise ValueError(
                 f"batch_norm: training needs more than one value per channel, got input "
-                f"of shape {x.shape}"
+                f"of shape {self.input_shapes[0]}"
             )
-        mean = x.mean(axis=self.reduced_axes)
-        variance = x.var(axis=self.reduced_axes)  # biased: what the output is normalised by
+        # Biased variance: what the output is normalised by.
+        mean, variance = batch_norm_statistics(planes)
         momentum = self.params["momentum"]
         for running, batch in (
             (self.params["running_mean"], mean),
@@ -217,31 +244,32 @@ class BatchNorm(Normalization):
     # -- exact -------------------------------------------------------------------
 
     def vjp(self, cotangent):
-        return self._channel_grads(cotangent, self.x_hat, self.rstd, self.weight)
+        return self._channel_grads(cotangent, self.x, self.mean, self.rstd, self.weight)
 
-    def _channel_grads(self, v, x_hat, rstd, weight):
+    def _channel_grads(self, v, x, mean, rstd, weight):
         """The VJP for the channels present in ``v`` (and in the per-channel arrays)."""
-        axes = self.reduced_axes
         centring = not self.row_local and self._needs("x")  # training: dx reads both sums
-        sum_v = sum_v_x_hat = None
-        if self._needs("bias") or centring:
-            sum_v = v.sum(axis=axes, keepdims=True)
-        if self._needs("weight") or centring:
-            sum_v_x_hat = (v * x_hat).sum(axis=axes, keepdims=True)
-
         grad_x = grad_weight = grad_bias = None
-        if self._needs("x"):
-            gain = self._per_channel(rstd if weight is None else weight * rstd)
-            if centring:
-                count = int(np.prod(self.input_shapes[0])) // self.input_shapes[0][1]
-                grad_x = gain * (v - sum_v / count - x_hat * (sum_v_x_hat / count))
-            else:
-                grad_x = gain * v
-        if self._needs("weight"):
-            grad_weight = sum_v_x_hat.reshape(-1)
-        if self._needs("bias"):
-            grad_bias = sum_v.reshape(-1)
-        return self._grads(grad_x, grad_weight, grad_bias)
+        # x is saved when x_hat is needed (dweight, or dx in training mode).
+        if x is not None or self._needs("x"):
+            grad_x, grad_weight, grad_bias = batch_norm_backward(
+                _planes(v),
+                None if x is None else _planes(x),
+                mean,
+                rstd,
+                weight,
+                centring=centring,
+                input_grad=self._needs("x"),
+            )
+        if grad_x is not None:
+            grad_x = grad_x.reshape(v.shape)
+        if self._needs("bias") and grad_bias is None:  # no x_hat was needed: sum v alone
+            grad_bias = v.sum(axis=self.reduced_axes)
+        return self._grads(
+            grad_x,
+            grad_weight if self._needs("weight") else None,
+            grad_bias if self._needs("bias") else None,
+        )
 
     def vjp_flops(self):
         elements = int(np.prod(self.input_shapes[0]))
@@ -269,10 +297,11 @@ class BatchNorm(Normalization):
         xp = array_module(cotangent)
         kept = xp.asarray(sample.indices)
         compact = sample.compress(cotangent, axis=1)
-        x_hat = None if self.x_hat is None else xp.take(self.x_hat, kept, axis=1)
+        x = None if self.x is None else xp.take(self.x, kept, axis=1)
+        mean = None if self.mean is None else self.mean[kept]
         rstd = None if self.rstd is None else self.rstd[kept]
         weight = None if self.weight is None else self.weight[kept]
-        compact_grads = self._channel_grads(compact, x_hat, rstd, weight)
+        compact_grads = self._channel_grads(compact, x, mean, rstd, weight)
         self._sampled_flops = self.vjp_flops() * sample.kept // max(channels, 1)
         axes = [1] + [0] * (len(compact_grads) - 1)  # dx: channel axis 1; dweight, dbias: 0
         return tuple(
@@ -295,6 +324,11 @@ class BatchNorm(Normalization):
         if self._needs("bias"):
             meets = meets + count
         return xp.sqrt((moved * moved).sum(axis=1) * meets)
+
+
+def _planes(array):
+    """An (N, C, ...) array seen as (N, C, S), every spatial position in S (1 for (N, C))."""
+    return array.reshape(array.shape[0], array.shape[1], int(np.prod(array.shape[2:])))
 
 
 def _affine_inputs(op_name, weight, bias):

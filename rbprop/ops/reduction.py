@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ..kernels import softmax as softmax_kernels
 from ..primitive import Primitive, normalize_axes, normalize_axis
 from ..tensor import as_tensor, record
 
@@ -135,14 +136,19 @@ class Softmax(Primitive):
         xp = array_module(x)
         self.axis = normalize_axis(self.name, self.params["axis"], x.ndim, x.shape)
         self.row_local = x.ndim > 1 and self.axis != 0
-        shifted = x - x.max(axis=self.axis, keepdims=True)
-        exponentials = xp.exp(shifted)
-        output = exponentials / exponentials.sum(axis=self.axis, keepdims=True)
+        if self.axis == x.ndim - 1:  # the fused kernel works on the last axis
+            output = softmax_kernels.softmax(x)
+        else:
+            shifted = x - x.max(axis=self.axis, keepdims=True)
+            exponentials = xp.exp(shifted)
+            output = exponentials / exponentials.sum(axis=self.axis, keepdims=True)
         self.save(output=output)
         return output
 
     def vjp(self, cotangent):
         output = self.output
+        if self.axis == output.ndim - 1:
+            return (softmax_kernels.softmax_backward(output, cotangent),)
         inner = (cotangent * output).sum(axis=self.axis, keepdims=True)
         return (output * (cotangent - inner),)
 
@@ -164,13 +170,18 @@ class LogSoftmax(Softmax):
         xp = array_module(x)
         self.axis = normalize_axis(self.name, self.params["axis"], x.ndim, x.shape)
         self.row_local = x.ndim > 1 and self.axis != 0
-        shifted = x - x.max(axis=self.axis, keepdims=True)
-        output = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        if self.axis == x.ndim - 1:  # the fused kernel works on the last axis
+            output = softmax_kernels.log_softmax(x)
+        else:
+            shifted = x - x.max(axis=self.axis, keepdims=True)
+            output = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
         self.save(output=output)
         return output
 
     def vjp(self, cotangent):
         xp = array_module(cotangent)
+        if self.axis == self.output.ndim - 1:
+            return (softmax_kernels.log_softmax_backward(self.output, cotangent),)
         total = cotangent.sum(axis=self.axis, keepdims=True)
         return (cotangent - xp.exp(self.output) * total,)
 
