@@ -130,7 +130,8 @@ class Primitive:
 
     def draw_sample(self, size: int, weights=None):
         """Draw this op's sketch over an axis of ``size`` with its own generator."""
-        rng = np.random.default_rng(self.seed)
+        # The same stream as default_rng(seed), without its argument checks (a hot path).
+        rng = np.random.Generator(np.random.PCG64(self.seed))
         return self.sketch.draw(size, rng, weights=weights)
 
     def wants_forward_sample(self) -> bool:
@@ -301,4 +302,5 @@ def _row_norms(cotangent):
     """Euclidean norm of each leading-axis slice (the importance sketch's weights)."""
     xp = array_module(cotangent)
     flat = cotangent.reshape(cotangent.shape[0], -1) if cotangent.ndim else cotangent.reshape(1, 1)
-    return xp.sqrt((flat.astype(np.float64) ** 2).sum(axis=1))
+    # Reduced in the cotangent's dtype (no float64 copy): these are sampling weights.
+    return xp.sqrt(xp.einsum("ij,ij->i", flat, flat).astype(np.float64))

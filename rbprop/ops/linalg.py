@@ -27,10 +27,20 @@ from ..tensor import Tensor, as_tensor, record
 
 
 def _squared_norms(array, axis):
-    """Sum of squares over every axis but ``axis`` (float64), one value per index."""
-    moved = array_module(array).moveaxis(array, axis, 0)
-    flat = moved.reshape(moved.shape[0], -1).astype(np.float64)
-    return (flat * flat).sum(axis=1)
+    """Sum of squares over every axis but ``axis``, one float64 value per index.
+
+    ``einsum`` reduces in the array's own dtype without a float64 copy (these are
+    sampling weights: float32 rounding does not matter, a full extra pass would).
+    """
+    letters = "".join(chr(ord("a") + dim) for dim in range(array.ndim))
+    squares = array_module(array).einsum(f"{letters},{letters}->{letters[axis]}", array, array)
+    return squares.astype(np.float64)
+
+
+def _squared_total(array) -> float:
+    """``||array||_F^2`` as a Python float, without a float64 copy of the array."""
+    flat = array.reshape(-1)
+    return float(array_module(array).dot(flat, flat))
 
 
 class Linear(Primitive):
@@ -118,12 +128,12 @@ class Linear(Primitive):
             if needs_weight:
                 other = other + _squared_norms(self.rows, 0)
             if needs_x:
-                other = other + float((self.weight.astype(np.float64) ** 2).sum()) / v.shape[1]
+                other = other + _squared_total(self.weight) / v.shape[1]
         else:  # feature j meets W_j (for dX) and, roughly, x (for dW)
             if needs_x:
                 other = other + _squared_norms(self.weight, 0)
             if needs_weight:
-                other = other + float((self.rows.astype(np.float64) ** 2).sum()) / v.shape[0]
+                other = other + _squared_total(self.rows) / v.shape[0]
         return array_module(v).sqrt(v_norms * other)
 
     def _contracted_vjp(self, v):
@@ -252,12 +262,12 @@ class MatMul(Primitive):
             if self.needs_input_grad[1]:
                 other = other + _squared_norms(self.a, self.a.ndim - 2)
             if self.needs_input_grad[0]:
-                other = other + float((self.b.astype(np.float64) ** 2).sum()) / v.shape[-1]
+                other = other + _squared_total(self.b) / v.shape[-1]
         else:
             if self.needs_input_grad[0]:
                 other = other + _squared_norms(self.b, self.b.ndim - 1)
             if self.needs_input_grad[1]:
-                other = other + float((self.a.astype(np.float64) ** 2).sum()) / v.shape[-2]
+                other = other + _squared_total(self.a) / v.shape[-2]
         return array_module(v).sqrt(norms * other)
 
     def _contracted_vjp(self, v):

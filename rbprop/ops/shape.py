@@ -79,6 +79,26 @@ class BroadcastTo(DataMovement):
     def vjp_flops(self):
         return int(np.prod(self.output_shape))
 
+    def sampled_vjp(self, cotangent):
+        """``sum_to(S v)`` with ``S`` on the output's leading axis, summing kept rows only."""
+        from ..primitive import _row_norms, sum_to
+
+        if not self.output_shape:
+            return self.sketched_cotangent_vjp(cotangent)
+        weights = _row_norms(cotangent) if self.sketch.needs_cotangent else None
+        sample = self.draw_sample(self.output_shape[0], weights=weights)
+        if not sample.is_diagonal:
+            self._sampled_flops = self.vjp_flops() + sample.apply_flops(cotangent.shape, 0)
+            return (sum_to(sample.apply(cotangent, axis=0), self.input_shapes[0]),)
+        compact = sample.compress(cotangent, axis=0)
+        self._sampled_flops = 2 * int(compact.size)  # scaling and summing the kept rows
+        input_shape = self.input_shapes[0]
+        if len(input_shape) == len(self.output_shape) and input_shape[0] == self.output_shape[0]:
+            # The leading axis is not broadcast: reduce each kept row, then scatter back.
+            reduced = sum_to(compact, (sample.kept,) + tuple(input_shape[1:]))
+            return (sample.expand(reduced, axis=0),)
+        return (sum_to(compact, input_shape),)  # the leading axis is summed away
+
 
 class GetItem(DataMovement):
     """``x[index]`` for basic and integer-array indices; the VJP scatter-adds."""
