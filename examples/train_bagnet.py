@@ -17,7 +17,7 @@ from rbprop.train import Trainer, default_config
 def train(sketch: str, epochs: int) -> dict:
     config = default_config(model="bagnet", sketch=sketch, epochs=epochs)
     trainer = Trainer(config)
-    print(f"{sketch}: {trainer.model.num_parameters()} parameters\n{trainer.model}")
+    print(f"{sketch}: BagNet with {trainer.model.num_parameters()} parameters")
     return trainer.run()
 
 

@@ -80,6 +80,12 @@ def load_checkpoint(path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+            raise CheckpointError(
+                f"checkpoint {path} is not an .npz archive (truncated or corrupt); nothing "
+                "was loaded. Use an earlier checkpoint or train from scratch"
+            )
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

@@ -48,6 +48,7 @@ from .cost import CostMeter
 from .ops import elementwise, linalg, reduction, shape
 from .sampling import sampled
 from .sketch import (
+    PLACEMENTS,
     Bernoulli,
     DiagonalSample,
     Importance,
@@ -637,10 +638,9 @@ def _resolve(op, sketch, placement):
         raise TypeError(f"compare: sketch must be a Sketch or a spec string, got {sketch!r}")
     chosen = copy.copy(chosen)
     if placement is not None:
-        if placement not in ("contracted", "cotangent"):
-            raise ValueError(
-                f"compare: placement must be 'contracted' or 'cotangent', got {placement!r}"
-            )
+        if placement not in PLACEMENTS[1:]:
+            names = ", ".join(repr(name) for name in PLACEMENTS[1:])
+            raise ValueError(f"compare: placement must be one of {names}, got {placement!r}")
         if not case.placements:
             raise ValueError(
                 f"compare: op {op!r} has one placement (its leading axis); "
@@ -786,7 +786,7 @@ def add_compare_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of inputs and sketches")
     parser.add_argument(
         "--placement",
-        choices=("contracted", "cotangent"),
+        choices=PLACEMENTS[1:],
         default=None,
         help="where the sketch sits for linear, matmul, conv2d, attention (default: the op's)",
     )

@@ -89,7 +89,8 @@ class Policy:
             if scope in self.by_key:
                 return self.by_key[scope]
             for pattern, sketch in self.by_key.items():
-                if "/" not in pattern and _is_pattern(pattern) and fnmatch.fnmatchcase(scope, pattern):
+                wildcard = "/" not in pattern and _is_pattern(pattern)
+                if wildcard and fnmatch.fnmatchcase(scope, pattern):
                     return sketch
         return self.by_key.get(op_name, self.default)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import array_module, to_numpy
 
-PLACEMENTS = (None, "cotangent", "contracted")
+PLACEMENTS = (None, "cotangent", "contracted", "weight")
 
 
 class Sketch:
@@ -37,15 +37,17 @@ class Sketch:
 
     def __init__(self, keep_ratio: float, placement: str | None = None):
         if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float, np.floating)):
-            raise TypeError(f"{type(self).__name__}: keep_ratio must be a number, got {keep_ratio!r}")
+            raise TypeError(
+                f"{type(self).__name__}: keep_ratio must be a number, got {keep_ratio!r}"
+            )
         if not 0.0 < float(keep_ratio) <= 1.0 or math.isnan(float(keep_ratio)):
             raise ValueError(
                 f"{type(self).__name__}: keep_ratio must lie in (0, 1], got {keep_ratio!r}"
             )
         if placement not in PLACEMENTS:
             raise ValueError(
-                f"{type(self).__name__}: placement must be 'cotangent', 'contracted' or None "
-                f"(the op's default), got {placement!r}"
+                f"{type(self).__name__}: placement must be 'cotangent', 'contracted', "
+                f"'weight' or None (the op's default), got {placement!r}"
             )
         self.keep_ratio = float(keep_ratio)
         self.placement = placement
@@ -178,7 +180,9 @@ class Importance(Sketch):
 
     def draw(self, size, rng, weights=None):
         if weights is None:
-            raise ValueError("Importance: drawing needs the weights |v_i| ||J_i|| of the cotangent")
+            raise ValueError(
+                "Importance: drawing needs the weights |v_i| ||J_i|| of the cotangent"
+            )
         weights = to_numpy(weights).astype(np.float64).reshape(-1)
         if weights.size != size:
             raise ValueError(f"Importance: {weights.size} weights for an axis of length {size}")
@@ -254,11 +258,15 @@ class DiagonalSample:
         """The kept slices along ``axis``, each multiplied by its scale ``1/p_i``."""
         xp = array_module(array)
         indices, scales = self._index_and_scale(array, axis)
-        return xp.take(array, indices, axis=axis) * scales
+        compact = xp.take(array, indices, axis=axis)
+        compact *= scales  # in place: ``take`` made a copy already
+        return compact
 
     def expand(self, compact, axis: int):
         """Scatter compact slices back into zeros of length ``size`` along ``axis``."""
         xp = array_module(compact)
+        if compact.ndim and int(np.prod(compact.shape[axis % compact.ndim + 1 :])) < 32:
+            return self._expand_by_gather(compact, axis % compact.ndim, xp)
         shape = list(compact.shape)
         shape[axis] = self.size
         full = xp.zeros(shape, dtype=compact.dtype)
@@ -266,6 +274,22 @@ class DiagonalSample:
         index[axis] = xp.asarray(self.indices)
         full[tuple(index)] = compact
         return full
+
+    def _expand_by_gather(self, compact, axis, xp):
+        """``expand`` as one ``take`` from the compact slices, for thin slices.
+
+        When the slices along ``axis`` are short (the last axis, say), assigning
+        them through fancy indexing is strided, element-by-element work, several
+        times slower than a gather; instead, append one zero slice and gather:
+        index ``i`` reads its compact slice if kept, the zero slice (position
+        ``k``) if not. Long contiguous slices (rows) are faster to assign.
+        """
+        positions = np.full(self.size, self.kept, dtype=np.int64)
+        positions[self.indices] = np.arange(self.kept)
+        zero_shape = list(compact.shape)
+        zero_shape[axis] = 1
+        padded = xp.concatenate([compact, xp.zeros(zero_shape, dtype=compact.dtype)], axis=axis)
+        return xp.take(padded, xp.asarray(positions), axis=axis)
 
     def apply(self, array, axis: int):
         """``S v`` along ``axis``, as a dense array."""
@@ -355,7 +379,9 @@ def parse(spec: str):
     try:
         keep_ratio = float(parts[1])
     except ValueError:
-        raise ValueError(f"invalid sketch spec {spec!r}: keep ratio {parts[1]!r} is not a number")
+        raise ValueError(
+            f"invalid sketch spec {spec!r}: keep ratio {parts[1]!r} is not a number"
+        ) from None
     if len(parts) == 3:
         if parts[0] != "rank" or parts[2] not in ("gaussian", "orthogonal"):
             raise ValueError(f"invalid sketch spec {spec!r}: expected {expected}")

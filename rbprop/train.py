@@ -8,8 +8,8 @@ a results file. ``--resume`` continues from the checkpoint bit-identically.
 
 Everything random in a run is derived from ``--seed``: the initial
 parameters, the batch order of epoch ``e`` (from ``(seed, e)``) and the
-sketches of step ``t`` of epoch ``e`` (from ``(seed, e, t)``). That is what
-lets a resumed run repeat an uninterrupted one exactly.
+sketches and dropout masks of step ``t`` of epoch ``e`` (from ``(seed, e, t)``).
+That is what lets a resumed run repeat an uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -95,10 +95,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--placement",
-        choices=("default", "contracted", "cotangent"),
-        default="default",
-        help="which axis the sketch samples: the contracted rows (batch/positions/tokens) or "
-        "the cotangent's features (output channels); default: each op's own",
+        choices=("weight", "contracted", "cotangent", "default"),
+        default="weight",
+        help="where the sketch sits: 'weight' (the default) samples the contracted rows "
+        "(batch/positions/tokens) in the weight gradient only and keeps input gradients "
+        "exact, so the noise does not compound through depth; 'contracted' samples the same "
+        "rows in both gradients (J^T S v); 'cotangent' samples output features; 'default' "
+        "uses each op's own ('contracted')",
     )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)

@@ -28,7 +28,7 @@ from ..kernels import conv as conv_kernels
 from ..kernels import pool as pool_kernels
 from ..primitive import Primitive, ShapeError
 from ..tensor import Tensor, as_tensor, record
-from .linalg import _sum_rows
+from .linalg import ROW_PLACEMENTS, _sum_rows
 
 # -- lowering ------------------------------------------------------------------
 
@@ -133,6 +133,9 @@ class Conv2d(Primitive):
       pass, which then saves only ``cols_k`` (or ``Q^T cols``), or ``x`` when
       that is smaller (a 3x3 stride-1 convolution has ``cols`` nine times the
       size of ``x``: there only the arithmetic shrinks).
+    * ``"weight"``: the same rows and the same saving of memory, but only the
+      weight and bias gradients are sketched; ``dX`` is exact, so the noise
+      does not compound through the layers below.
     * ``"cotangent"``: on the output channels (columns of ``V``): ``dX`` and
       ``dW`` each become GEMMs over ``k`` channels; ``dW`` and ``db`` are
       nonzero on the kept channels only.
@@ -180,7 +183,7 @@ class Conv2d(Primitive):
             output = output.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
 
         self.placement = self.placement or self.default_placement
-        if self.placement not in ("contracted", "cotangent"):
+        if self.placement not in ROW_PLACEMENTS + ("cotangent",):
             raise ValueError(f"conv2d: unknown placement {self.placement!r}")
         if self.recording:
             self._save_for_backward(x, cols, weight, batch * out_h * out_w)
@@ -211,7 +214,7 @@ class Conv2d(Primitive):
         """
         needs_x, needs_weight = self.needs_input_grad[:2]
         kept_rows = rows
-        if self.placement == "contracted" and self.wants_forward_sample():
+        if self.placement in ROW_PLACEMENTS and self.wants_forward_sample():
             # Drawn now, so that only what the sampled VJP reads is kept.
             self.sample = self.draw_sample(rows)
             kept_rows = self.sample.kept
@@ -298,9 +301,7 @@ class Conv2d(Primitive):
         rows, patch, _ = self._shapes()
         grad_x = grad_weight = grad_bias = None
         if self.needs_input_grad[0]:
-            # dX = col2im(V Wm), image n's rows of V Wm being V_n^T Wm.
-            cols_grad = xp.matmul(v_planes.transpose(0, 2, 1), self._weight_matrix())
-            grad_x = self._input_grad(cols_grad.reshape(rows, patch))
+            grad_x = self._exact_input_grad(cotangent)
         if self.needs_input_grad[1]:
             lowered = self._lowered()  # dW = V^T cols
             if patch <= v_planes.shape[2]:
@@ -313,6 +314,17 @@ class Conv2d(Primitive):
         if self._needs_bias_grad():
             grad_bias = v_planes.sum(axis=(0, 2))
         return self._result(grad_x, grad_weight, grad_bias)
+
+    def _exact_input_grad(self, cotangent):
+        """``dX = col2im(V Wm)``, image n's rows of ``V Wm`` being ``V_n^T Wm``."""
+        xp = array_module(cotangent)
+        batch, out_channels = cotangent.shape[:2]
+        v_planes = cotangent.reshape(batch, out_channels, -1)
+        if self._pointwise():
+            return xp.matmul(self._weight_matrix().T, v_planes).reshape(self.input_shapes[0])
+        rows, patch, _ = self._shapes()
+        cols_grad = xp.matmul(v_planes.transpose(0, 2, 1), self._weight_matrix())
+        return self._input_grad(cols_grad.reshape(rows, patch))
 
     def _pointwise_vjp(self, cotangent):
         xp = array_module(cotangent)
@@ -339,7 +351,7 @@ class Conv2d(Primitive):
     # -- sampled -----------------------------------------------------------------
 
     def sampled_vjp(self, cotangent):
-        if self.placement == "contracted":
+        if self.placement in ROW_PLACEMENTS:
             return self._contracted_vjp(cotangent)
         return self._channel_vjp(cotangent)
 
@@ -360,7 +372,7 @@ class Conv2d(Primitive):
         meets = 0.0
         if self.needs_input_grad[1]:
             meets = meets + self._patch_squared_norms()
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.placement != "weight":
             meets = meets + float((self.weight.astype(np.float64) ** 2).sum()) / out_channels
         squared = (cotangent.astype(np.float64) ** 2).sum(axis=1).reshape(-1)  # ||v_i||^2
         return xp.sqrt(squared * meets)
@@ -403,7 +415,10 @@ class Conv2d(Primitive):
         kept = sample.kept
         grad_x = grad_weight = grad_bias = None
         flops = 0
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.placement == "weight":
+            grad_x = self._exact_input_grad(cotangent)
+            flops += 2 * rows * out_channels * patch
+        elif self.needs_input_grad[0]:
             # dX = col2im(S V Wm): the GEMM runs on the k kept rows, and col2im_rows
             # adds just those rows back (the zero rows of S V Wm are never formed).
             partial = compact @ self._weight_matrix()

@@ -8,6 +8,11 @@ two places:
   ``dW = V^T S X`` keeps ``k`` rows of both, and ``dX = S V W`` is nonzero on
   those rows only. A data-independent sketch is drawn in the forward pass, which
   then saves only ``X[kept]`` (or ``Q^T X`` for a rank-k sketch) instead of ``X``.
+* ``"weight"``: the same rows, but only in the weight gradient:
+  ``dW = V^T S X`` (and ``dB = A^T S V``) as above, while the input gradient
+  ``dX = V W`` stays exact. Saves the same memory and half the arithmetic at
+  most, and its noise does not compound through the layers below (each input
+  gradient is exact), which is what training deep models wants.
 * ``"cotangent"``: on the output features (columns of ``V``): ``dX = V S W``
   contracts over ``k`` features and only ``k`` rows of ``dW`` are nonzero.
 
@@ -24,6 +29,9 @@ import numpy as np
 from ..backend import array_module
 from ..primitive import Primitive, ShapeError, sum_to
 from ..tensor import Tensor, as_tensor, record
+
+#: Placements that sketch the rows of the contracted axis (see the module docstring).
+ROW_PLACEMENTS = ("contracted", "weight")
 
 
 def _squared_norms(array, axis):
@@ -66,7 +74,7 @@ class Linear(Primitive):
         if bias is not None:
             output += bias
         self.placement = self.placement or self.default_placement
-        if self.placement not in ("contracted", "cotangent"):
+        if self.placement not in ROW_PLACEMENTS + ("cotangent",):
             raise ValueError(f"linear: unknown placement {self.placement!r}")
         self._save_for_backward(rows, weight)
         return output.reshape(x.shape[:-1] + (weight.shape[0],))
@@ -74,7 +82,7 @@ class Linear(Primitive):
     def _save_for_backward(self, rows, weight):
         needs_x, needs_weight = self.needs_input_grad[:2] if self.recording else (False, False)
         saved_rows = rows if needs_weight else None
-        if self.recording and self.placement == "contracted" and self.wants_forward_sample():
+        if self.recording and self.placement in ROW_PLACEMENTS and self.wants_forward_sample():
             # Draw now: the backward pass will read only the kept rows (or Q^T x).
             self.sample = self.draw_sample(rows.shape[0])
             if saved_rows is not None:
@@ -116,7 +124,7 @@ class Linear(Primitive):
 
     def sampled_vjp(self, cotangent):
         v = cotangent.reshape(-1, cotangent.shape[-1])
-        if self.placement == "contracted":
+        if self.placement in ROW_PLACEMENTS:
             return self._contracted_vjp(v)
         return self._feature_vjp(v)
 
@@ -124,10 +132,10 @@ class Linear(Primitive):
         needs_x, needs_weight = self.needs_input_grad[:2]
         v_norms = _squared_norms(v, axis)
         other = 0.0
-        if axis == 0:  # row i meets x_i (for dW) and, roughly, W (for dX)
+        if axis == 0:  # row i meets x_i (for dW) and, roughly, W (for a sketched dX)
             if needs_weight:
                 other = other + _squared_norms(self.rows, 0)
-            if needs_x:
+            if needs_x and self.placement != "weight":
                 other = other + _squared_total(self.weight) / v.shape[1]
         else:  # feature j meets W_j (for dX) and, roughly, x (for dW)
             if needs_x:
@@ -149,7 +157,10 @@ class Linear(Primitive):
         kept = sample.kept
         grad_x = grad_weight = grad_bias = None
         flops = 0
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.placement == "weight":
+            grad_x = self._input_grad(v @ self.weight)  # exact: dX = V W
+            flops += 2 * rows * in_features * out_features
+        elif self.needs_input_grad[0]:
             grad_x = self._input_grad(sample.expand(compact @ self.weight, axis=0))
             flops += 2 * kept * in_features * out_features
         if self.needs_input_grad[1]:
@@ -220,11 +231,11 @@ class MatMul(Primitive):
                 f"{a.shape} and {b.shape} cannot be broadcast"
             ) from None
         self.placement = self.placement or self.default_placement
-        if self.placement not in ("contracted", "cotangent"):
+        if self.placement not in ROW_PLACEMENTS + ("cotangent",):
             raise ValueError(f"matmul: unknown placement {self.placement!r}")
         needs_a, needs_b = self.needs_input_grad if self.recording else (False, False)
         saved_a = a if needs_b else None
-        if self.recording and self.placement == "contracted" and self.wants_forward_sample():
+        if self.recording and self.placement in ROW_PLACEMENTS and self.wants_forward_sample():
             self.sample = self.draw_sample(a.shape[-2])
             if saved_a is not None:
                 saved_a = self.sample.project(a, axis=a.ndim - 2)
@@ -251,7 +262,7 @@ class MatMul(Primitive):
         return gemm * (int(self.needs_input_grad[0]) + int(self.needs_input_grad[1]))
 
     def sampled_vjp(self, cotangent):
-        if self.placement == "contracted":
+        if self.placement in ROW_PLACEMENTS:
             return self._contracted_vjp(cotangent)
         return self._column_vjp(cotangent)
 
@@ -261,7 +272,7 @@ class MatMul(Primitive):
         if axis == v.ndim - 2:
             if self.needs_input_grad[1]:
                 other = other + _squared_norms(self.a, self.a.ndim - 2)
-            if self.needs_input_grad[0]:
+            if self.needs_input_grad[0] and self.placement != "weight":
                 other = other + _squared_total(self.b) / v.shape[-1]
         else:
             if self.needs_input_grad[0]:
@@ -284,7 +295,10 @@ class MatMul(Primitive):
         p = self.input_shapes[1][-1]
         grad_a = grad_b = None
         flops = 0
-        if self.needs_input_grad[0]:
+        if self.needs_input_grad[0] and self.placement == "weight":
+            grad_a = sum_to(v @ xp.swapaxes(self.b, -1, -2), self.input_shapes[0])  # exact
+            flops += self._gemm_flops(n, p, m)
+        elif self.needs_input_grad[0]:
             partial = compact @ xp.swapaxes(self.b, -1, -2)
             grad_a = sum_to(sample.expand(partial, axis=row_axis), self.input_shapes[0])
             flops += self._gemm_flops(sample.kept, p, m)
