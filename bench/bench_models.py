@@ -24,24 +24,24 @@ import numpy as np
 import rbprop as rb
 from rbprop import functional as F
 from rbprop import nn, optim
+from rbprop.train import build_model, default_config
 
 BATCH, CHANNELS, SIZE, CLASSES = 128, 1, 28, 10
 
 
 def build_rbprop(name: str, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    if name == "mlp":
-        return nn.MLP([CHANNELS * SIZE * SIZE, 512, 512, CLASSES], rng=rng)
-    if name == "bagnet":
-        return nn.BagNet(in_channels=CHANNELS, num_classes=CLASSES, rng=rng)
-    return nn.ViT(image_size=SIZE, patch_size=4, in_channels=CHANNELS, width=64, depth=4, rng=rng)
+    """The model ``rbprop train --model NAME`` trains, with its default sizes."""
+    nn.manual_seed(seed)
+    return build_model(default_config(model=name), (CHANNELS, SIZE, SIZE), CLASSES)
 
 
-def rbprop_step_seconds(name, sketch_spec, images, labels, steps, warmup):
+def rbprop_step_seconds(name, sketch_spec, images, labels, steps, warmup, placement=None):
     model = build_rbprop(name)
     model.train()
     optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sketch = rb.sketch.parse(sketch_spec)
+    if sketch is not None and placement:
+        sketch.placement = placement
     policy = None if sketch is None else {"linear": sketch, "conv2d": sketch}
     x, y = rb.tensor(images), rb.tensor(labels)
     timings = []
@@ -59,7 +59,8 @@ def rbprop_step_seconds(name, sketch_spec, images, labels, steps, warmup):
     return statistics.median(timings[warmup:])
 
 
-def build_torch(name: str):
+def build_torch(name: str, twin):
+    """A PyTorch model of the same architecture and sizes as the rbprop model ``twin``."""
     import torch
     from torch import nn as tnn
 
@@ -81,10 +82,11 @@ def build_torch(name: str):
                 tnn.ReLU(),
             ]
 
-        layers = block(CHANNELS, 64, 9, 2)
-        for _ in range(3):
-            layers += block(64, 64, 1)
-        layers += [tnn.Conv2d(64, CLASSES, 1)]
+        width = twin.classifier.weight.shape[1]
+        layers = block(CHANNELS, width, twin.patch_size, twin.stride)
+        for _ in range(len(twin.blocks)):
+            layers += block(width, width, 1)
+        layers += [tnn.Conv2d(width, CLASSES, 1)]
 
         class TorchBagNet(tnn.Module):
             def __init__(self):
@@ -115,13 +117,14 @@ def build_torch(name: str):
             return x + self.mlp(self.norm2(x))
 
     class TorchViT(tnn.Module):
-        def __init__(self, width=64, depth=4, patch=4):
+        def __init__(self, width, depth, patch, heads, hidden, pool):
             super().__init__()
+            self.pool = pool
             self.patch, self.grid = patch, SIZE // patch
             self.embed = tnn.Linear(CHANNELS * patch * patch, width)
             self.cls = tnn.Parameter(torch.zeros(1, 1, width))
             self.pos = tnn.Parameter(0.02 * torch.randn(1, self.grid**2 + 1, width))
-            self.blocks = tnn.Sequential(*(Block(width) for _ in range(depth)))
+            self.blocks = tnn.Sequential(*(Block(width, heads, hidden) for _ in range(depth)))
             self.norm, self.head = tnn.LayerNorm(width), tnn.Linear(width, CLASSES)
 
         def forward(self, images):
@@ -129,9 +132,16 @@ def build_torch(name: str):
             patches = images.reshape(batch, CHANNELS, g, p, g, p).permute(0, 2, 4, 1, 3, 5)
             tokens = self.embed(patches.reshape(batch, g * g, -1))
             x = torch.cat([self.cls.expand(batch, 1, -1), tokens], dim=1) + self.pos
-            return self.head(self.norm(self.blocks(x))[:, 0])
+            features = self.norm(self.blocks(x))
+            if self.pool == "cls":
+                return self.head(features[:, 0])
+            return self.head(features).mean(dim=1)
 
-    return TorchViT()
+    block = twin.blocks[0]
+    return TorchViT(
+        twin.width, len(twin.blocks), twin.patch_size, block.attn.num_heads,
+        block.mlp[0].weight.shape[0], twin.pool,
+    )  # fmt: skip
 
 
 def torch_step_seconds(name, images, labels, steps, warmup, threads):
@@ -139,7 +149,7 @@ def torch_step_seconds(name, images, labels, steps, warmup, threads):
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    model = build_torch(name)
+    model = build_torch(name, build_rbprop(name))
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
@@ -170,6 +180,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp,bagnet,vit")
     parser.add_argument("--sketch", default="bernoulli:0.25")
+    parser.add_argument(
+        "--placement",
+        default=None,
+        help="placement of the sketch (contracted, weight, cotangent); default: each op's own",
+    )
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results as JSON here")
@@ -190,7 +205,9 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         exact = rbprop_step_seconds(name, "exact", images, labels, args.steps, args.warmup)
-        sampled = rbprop_step_seconds(name, args.sketch, images, labels, args.steps, args.warmup)
+        sampled = rbprop_step_seconds(
+            name, args.sketch, images, labels, args.steps, args.warmup, args.placement
+        )
         reference = (
             torch_step_seconds(name, images, labels, args.steps, args.warmup, threads)
             if have_torch
@@ -202,6 +219,7 @@ def main(argv=None) -> int:
                 "exact_seconds": exact,
                 "sampled_seconds": sampled,
                 "sketch": args.sketch,
+                "placement": args.placement or "op default",
                 "torch_seconds": reference,
                 "exact_over_torch": None if reference is None else exact / reference,
                 "sampled_over_exact": sampled / exact,

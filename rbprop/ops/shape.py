@@ -15,9 +15,17 @@ from ..tensor import Tensor, as_tensor, record
 
 
 class DataMovement(Primitive):
-    """A primitive whose VJP moves (or adds) entries without other arithmetic."""
+    """A primitive whose VJP moves (or adds) entries without other arithmetic.
+
+    Where the op keeps the leading axis in place (a reshape or transpose that
+    leaves axis 0 alone, concatenation along another axis, ...), it is row-local
+    and its sampled VJP moves the kept rows only; otherwise ``S v`` is formed and
+    moved whole.
+    """
 
     def sampled_vjp(self, cotangent):
+        if self.row_local:
+            return self.row_sampled_vjp(cotangent)
         return self.sketched_cotangent_vjp(cotangent)
 
 
@@ -27,7 +35,10 @@ class Reshape(DataMovement):
     def forward(self, x):
         shape = self.params["shape"]
         try:
-            return x.reshape(shape)
+            output = x.reshape(shape)
+            # Same leading length: row i occupies the same flat range before and after.
+            self.row_local = x.ndim > 0 and output.ndim > 0 and output.shape[0] == x.shape[0]
+            return output
         except ValueError:
             raise ShapeError(
                 f"reshape: cannot reshape an array of shape {x.shape} ({x.size} elements) "
@@ -52,6 +63,7 @@ class Transpose(DataMovement):
                 f"{x.ndim} axes of an array of shape {x.shape}"
             )
         self.axes = axes
+        self.row_local = x.ndim > 1 and axes[0] == 0
         return x.transpose(axes)
 
     def vjp(self, cotangent):
@@ -160,6 +172,7 @@ class Concatenate(DataMovement):
                     f"match {reference} outside axis {axis}"
                 )
         self.axis = axis
+        self.row_local = axis != 0
         return array_module(*arrays).concatenate(arrays, axis=axis)
 
     def vjp(self, cotangent):
@@ -178,6 +191,7 @@ class Stack(DataMovement):
         if len(shapes) != 1:
             raise ShapeError(f"stack: arrays must share one shape, got {sorted(shapes)}")
         self.axis = normalize_axis(self.name, self.params["axis"], arrays[0].ndim + 1)
+        self.row_local = self.axis != 0
         return array_module(*arrays).stack(arrays, axis=self.axis)
 
     def vjp(self, cotangent):
@@ -200,6 +214,7 @@ class Pad(DataMovement):
                 f"pad: pad_width must be non-negative, got {self.params['pad_width']}"
             )
         self.widths = widths
+        self.row_local = x.ndim > 0 and tuple(widths[0]) == (0, 0)
         return xp.pad(x, [tuple(pair) for pair in widths], constant_values=self.params["value"])
 
     def vjp(self, cotangent):
