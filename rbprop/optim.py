@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from .backend import array_module, to_device, to_numpy
-from .kernels.optim import sgd_momentum
+from .kernels.optim import adam, sgd_momentum
 from .tensor import Tensor
 
 
@@ -260,15 +260,13 @@ class Adam(Optimizer):
             state["exp_avg"] = xp.zeros_like(param.data)
             state["exp_avg_sq"] = xp.zeros_like(param.data)
         state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg *= beta1
-        exp_avg += (1.0 - beta1) * grad
-        exp_avg_sq *= beta2
-        exp_avg_sq += (1.0 - beta2) * (grad * grad)
         bias_correction1 = 1.0 - beta1 ** state["step"]
         bias_correction2 = 1.0 - beta2 ** state["step"]
-        denominator = xp.sqrt(exp_avg_sq) / math.sqrt(bias_correction2) + group["eps"]
-        param.data -= (lr / bias_correction1) * (exp_avg / denominator)
+        # One fused pass over parameter, gradient and moments (numpy twin elsewhere).
+        adam(
+            param.data, grad, state["exp_avg"], state["exp_avg_sq"], beta1, beta2,
+            lr / bias_correction1, math.sqrt(bias_correction2), group["eps"], 0.0,
+        )  # fmt: skip
 
 
 class AdamW(Adam):

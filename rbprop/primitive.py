@@ -136,7 +136,7 @@ class Primitive:
 
     def wants_forward_sample(self) -> bool:
         """True when a data-independent sketch should be drawn in the forward pass."""
-        return self.sketch is not None and not self.sketch.needs_cotangent
+        return self.sketch is not None and self.sketch.drawn_in_forward
 
     # -- backward -----------------------------------------------------------
 

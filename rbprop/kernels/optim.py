@@ -61,17 +61,16 @@ def sgd_momentum(param, grad, buffer, lr, momentum, dampening, weight_decay, nes
 
 
 @numba.njit(cache=True)
-def _adam_numba(param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, bias2_root, eps,
-                weight_decay):  # fmt: skip
+def _adam_numba(param, grad, exp_avg, exp_avg_sq, beta1, one_minus_beta1, beta2,
+                one_minus_beta2, step_size, bias2_root, eps, weight_decay):  # fmt: skip
     param_flat, grad_flat = param.reshape(-1), grad.reshape(-1)
     avg_flat, avg_sq_flat = exp_avg.reshape(-1), exp_avg_sq.reshape(-1)
-    one = param_flat.dtype.type(1)
     for index in range(param_flat.size):
         gradient = grad_flat[index]
         if weight_decay != 0:
             gradient = gradient + weight_decay * param_flat[index]
-        average = avg_flat[index] * beta1 + (one - beta1) * gradient
-        average_sq = avg_sq_flat[index] * beta2 + (one - beta2) * (gradient * gradient)
+        average = avg_flat[index] * beta1 + one_minus_beta1 * gradient
+        average_sq = avg_sq_flat[index] * beta2 + one_minus_beta2 * (gradient * gradient)
         avg_flat[index] = average
         avg_sq_flat[index] = average_sq
         denominator = math.sqrt(average_sq) / bias2_root + eps
@@ -88,9 +87,9 @@ def adam_reference(param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, bi
     dtype = param.dtype.type
     gradient = grad + dtype(weight_decay) * param if weight_decay else grad
     exp_avg *= dtype(beta1)
-    exp_avg += (dtype(1) - dtype(beta1)) * gradient
+    exp_avg += dtype(1.0 - beta1) * gradient
     exp_avg_sq *= dtype(beta2)
-    exp_avg_sq += (dtype(1) - dtype(beta2)) * (gradient * gradient)
+    exp_avg_sq += dtype(1.0 - beta2) * (gradient * gradient)
     denominator = array_module(param).sqrt(exp_avg_sq) / dtype(bias2_root) + dtype(eps)
     param -= dtype(step_size) * (exp_avg / denominator)
 
@@ -102,8 +101,9 @@ def adam(param, grad, exp_avg, exp_avg_sq, beta1, beta2, step_size, bias2_root, 
     if use_numba(*arrays) and all(array.flags.c_contiguous for array in arrays):
         dtype = param.dtype.type
         _adam_numba(
-            param, grad, exp_avg, exp_avg_sq, dtype(beta1), dtype(beta2), dtype(step_size),
-            dtype(bias2_root), dtype(eps), dtype(weight_decay),
+            param, grad, exp_avg, exp_avg_sq, dtype(beta1), dtype(1.0 - beta1), dtype(beta2),
+            dtype(1.0 - beta2), dtype(step_size), dtype(bias2_root), dtype(eps),
+            dtype(weight_decay),
         )  # fmt: skip
         return
     adam_reference(
