@@ -9,7 +9,8 @@ own VJP.
 ``backward`` sorts the graph iteratively (a chain of any length works, no
 recursion), runs each op's exact or sampled VJP once all its consumers have
 contributed, accumulates into leaves' ``.grad`` and, unless ``retain_graph``,
-frees what each op saved as soon as its VJP has run.
+frees what each op saved as soon as its VJP has run. A cotangent may travel
+row-sparse between ops (:mod:`rbprop.rowsparse`); leaves always get it dense.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def topological_order(root_op) -> list:
 
 def run_backward(root, cotangent, retain_graph: bool) -> None:
     """Propagate ``cotangent`` (an array shaped like ``root``) back to the leaves."""
+    from .rowsparse import densify
     from .tensor import accumulate_grad
 
     root_op = root.op
@@ -96,6 +98,6 @@ def run_backward(root, cotangent, retain_graph: bool) -> None:
                     earlier = pending.get(edge)
                     pending[edge] = grad if earlier is None else earlier + grad
                 else:
-                    accumulate_grad(edge, grad)
+                    accumulate_grad(edge, densify(grad))
             if not retain_graph:
                 op.release()

@@ -15,7 +15,11 @@ writes, side by side:
 Row-local ops (output row ``i`` depends only on input row ``i`` along the
 leading axis: elementwise maps, reductions and normalisations over trailing
 axes) get their sampled VJP for free: the exact VJP is evaluated on the kept
-rows only and scattered back (:meth:`Primitive.row_sampled_vjp`).
+rows only (:meth:`Primitive.row_sampled_vjp`), and the gradients of inputs that
+carry the row axis come back row-sparse (:class:`rbprop.rowsparse.RowSparse`).
+A row-sparse cotangent reaching a row-local op is handled the same way, exact
+or sampled, so a sketch drawn on the batch rows keeps the reverse pass working
+on those rows only until an op that needs the dense array.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import cost
-from .backend import array_module
+from .backend import array_module, to_numpy
+from .rowsparse import RowSparse, restrict
 
 
 class ShapeError(ValueError):
@@ -104,6 +109,8 @@ class Primitive:
         self.placement = None
         self.sample = None
         self.seed = None
+        #: The sampled block's generator, set only while this op's forward runs.
+        self.forward_stream = None
         self._saved_names: list[str] = []
         self._held: list = []
 
@@ -129,9 +136,19 @@ class Primitive:
         return found
 
     def draw_sample(self, size: int, weights=None):
-        """Draw this op's sketch over an axis of ``size`` with its own generator."""
-        # The same stream as default_rng(seed), without its argument checks (a hot path).
-        rng = np.random.Generator(np.random.PCG64(self.seed))
+        """Draw this op's sketch over an axis of ``size``.
+
+        In the forward pass the draw comes from the ``sampled`` block's forward
+        stream (ops draw in the order they are recorded, so the same seed gives
+        the same sketches); in the backward pass, from a generator seeded with
+        this op's own seed, so the draw does not depend on the order in which
+        the reverse pass visits the ops. Building a generator costs tens of
+        microseconds with cold caches, which the forward stream avoids.
+        """
+        rng = self.forward_stream
+        if rng is None:
+            # The same stream as default_rng(seed), without its argument checks.
+            rng = np.random.Generator(np.random.PCG64(self.seed))
         return self.sketch.draw(size, rng, weights=weights)
 
     def wants_forward_sample(self) -> bool:
@@ -153,12 +170,24 @@ class Primitive:
             return self.row_sampled_vjp(cotangent)
         raise NotImplementedError(f"{self.name}: no sampled VJP is written for this op")
 
+    def accepts_row_sparse(self) -> bool:
+        """Whether this op's VJPs take a :class:`RowSparse` cotangent as it is.
+
+        Row-local ops do (their VJP runs on the kept rows); any other op gets
+        the dense array. Ops that override it handle ``RowSparse`` themselves.
+        """
+        return self.row_local and bool(self.output_shape)
+
     def sampled_vjp_flops(self) -> int:
         """Floating-point operations the last sampled VJP spent."""
         return getattr(self, "_sampled_flops", self.vjp_flops())
 
     def run_vjp(self, cotangent):
-        """Run the exact or sampled VJP, check the result's shapes, report the cost."""
+        """Run the exact or sampled VJP, check the result's shapes, report the cost.
+
+        ``cotangent`` is an array or a :class:`RowSparse`; the gradients returned
+        may be row-sparse too (the reverse pass densifies them where needed).
+        """
         if self.released:
             raise RuntimeError(
                 f"{self.name}: backward through a graph whose saved arrays were already freed; "
@@ -169,8 +198,13 @@ class Primitive:
                 f"{self.name}: cotangent of shape {tuple(cotangent.shape)} for an output of "
                 f"shape {self.output_shape}"
             )
+        if isinstance(cotangent, RowSparse) and not self.accepts_row_sparse():
+            cotangent = cotangent.dense()
         exact_flops = self.vjp_flops()
-        if self.sketch is None:
+        if self.sketch is None and isinstance(cotangent, RowSparse):
+            grads = self.row_sparse_vjp(cotangent)
+            cost.record_vjp(self.name, self.sampled_vjp_flops(), exact_flops, sampled=False)
+        elif self.sketch is None:
             grads = self.vjp(cotangent)
             cost.record_vjp(self.name, exact_flops, exact_flops, sampled=False)
         else:
@@ -184,6 +218,12 @@ class Primitive:
                     f"expected {shape} (an internal error in this op)"
                 )
         return grads
+
+    def row_sparse_vjp(self, cotangent: RowSparse):
+        """The exact VJP of a row-sparse cotangent, on its kept rows only (row-local ops)."""
+        rows = self.output_shape[0]
+        self._sampled_flops = self.vjp_flops() * cotangent.kept // max(rows, 1)
+        return self._kept_rows_vjp(cotangent.indices, cotangent.values)
 
     def release(self) -> None:
         """Drop every saved array (after backward, unless the graph is retained)."""
@@ -211,41 +251,57 @@ class Primitive:
         """``J^T S v`` with ``S`` on the leading (row) axis, computed on kept rows only.
 
         For a diagonal sketch the exact VJP runs on the ``k`` kept rows of the
-        cotangent and of every saved array, and the result is scattered back.
-        A projection sketch has no kept rows: ``S v`` is formed densely and the
-        exact VJP runs at full cost (its FLOPs say so).
+        cotangent and of every saved array; the gradients of row-aligned inputs
+        are returned row-sparse. A row-sparse cotangent keeps only the rows both
+        it and the sample keep. A projection sketch has no kept rows: ``S v`` is
+        formed densely and the exact VJP runs at full cost (its FLOPs say so).
         """
         rows = self.output_shape[0] if self.output_shape else 1
+        sparse = cotangent if isinstance(cotangent, RowSparse) else None
         if not self.output_shape:
             cotangent = cotangent.reshape(1)
-        weights = _row_norms(cotangent) if self.sketch.needs_cotangent else None
+        weights = None
+        if self.sketch.needs_cotangent:
+            weights = _row_norms(cotangent) if sparse is None else _sparse_row_norms(sparse)
         sample = self.draw_sample(rows, weights=weights)
         if not sample.is_diagonal:
-            sketched = sample.apply(cotangent, axis=0).reshape(self.output_shape)
-            self._sampled_flops = self.vjp_flops() + sample.apply_flops(cotangent.shape, 0)
+            dense = cotangent if sparse is None else sparse.dense()
+            sketched = sample.apply(dense, axis=0).reshape(self.output_shape)
+            self._sampled_flops = self.vjp_flops() + sample.apply_flops(dense.shape, 0)
             return self.vjp(sketched)
         if not self.output_shape:
             return self._scalar_row_sample(cotangent, sample)
 
-        xp = array_module(cotangent)
-        kept = xp.asarray(sample.indices)
-        compact = sample.compress(cotangent, axis=0)
-        full_state = self._restrict_rows(kept, rows)
+        values = cotangent if sparse is None else sparse.values
+        xp = array_module(values)
+        indices, in_sample, in_cotangent = restrict(sample, sparse and sparse.indices)
+        # S v on the rows both keep: v_i / p_i.
+        compact = xp.take(values, xp.asarray(in_cotangent), axis=0)
+        shape = (-1,) + (1,) * (compact.ndim - 1)
+        compact *= xp.asarray(sample.scales[in_sample], dtype=compact.dtype).reshape(shape)
+        self._sampled_flops = self.vjp_flops() * len(indices) // max(rows, 1)
+        return self._kept_rows_vjp(indices, compact)
+
+    def _kept_rows_vjp(self, indices, compact):
+        """The exact VJP of a cotangent whose rows ``indices`` hold ``compact``, zero elsewhere.
+
+        Runs the VJP on those rows of the saved arrays only; gradients of inputs
+        that carry the row axis come back as :class:`RowSparse`, the others
+        (broadcast operands, parameters) as the dense sums over the kept rows.
+        """
+        if len(indices) == 0:
+            return [None] * len(self.input_shapes)
+        xp = array_module(compact)
+        full_state = self._restrict_rows(xp.asarray(indices), self.output_shape[0])
         try:
             compact_grads = self.vjp(compact)
         finally:
             self._restore(full_state)
-        self._sampled_flops = self.vjp_flops() * sample.kept // max(rows, 1)
         grads = []
         for grad, shape in zip(compact_grads, self.input_shapes, strict=True):
-            if grad is None:
-                grads.append(None)
-            elif self.row_aligned(shape):
-                full = xp.zeros(shape, dtype=grad.dtype)
-                full[kept] = grad
-                grads.append(full)
-            else:
-                grads.append(grad)
+            if grad is not None and self.row_aligned(shape):
+                grad = RowSparse(indices, grad, shape)
+            grads.append(grad)
         return grads
 
     def _scalar_row_sample(self, cotangent, sample):
@@ -296,6 +352,13 @@ class Primitive:
         sketched = sample.apply(flat, axis=0).reshape(self.output_shape)
         self._sampled_flops = self.vjp_flops() + sample.apply_flops(flat.shape, 0)
         return self.vjp(sketched)
+
+
+def _sparse_row_norms(sparse: RowSparse):
+    """``_row_norms`` of a row-sparse cotangent: zero on the rows it does not keep."""
+    norms = np.zeros(sparse.shape[0])
+    norms[sparse.indices] = to_numpy(_row_norms(sparse.values))
+    return norms
 
 
 def _row_norms(cotangent):

@@ -9,8 +9,10 @@ sketches, spec strings or ``None``. The most specific key wins: a pair, then
 the deepest matching module, then the op name. What no key names stays exact.
 
 Each recorded op gets its own integer seed from the context's generator, so a
-backward pass draws the same sketches whatever order it visits the ops in, and
-the same seed with the same inputs gives bit-identical sampled gradients.
+backward pass draws the same sketches whatever order it visits the ops in.
+Sketches drawn in the forward pass come from one stream of the context, in the
+order the ops are recorded. Either way, the same seed with the same inputs
+gives bit-identical sampled gradients.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Policy:
     def __init__(self, policy):
         self.default = None
         self.by_key: dict[str, Sketch | None] = {}
+        self._resolved: dict[tuple[str, str], Sketch | None] = {}
         if policy is None or isinstance(policy, (Sketch, str)):
             self.default = parse(policy) if policy is not None else None
         elif isinstance(policy, Mapping):
@@ -78,6 +81,12 @@ class Policy:
         """The sketch for an op named ``op_name`` recorded inside ``module_path``."""
         if not self.by_key:
             return self.default
+        key = (op_name, module_path)
+        if key not in self._resolved:  # a model records the same few pairs every step
+            self._resolved[key] = self._resolve(op_name, module_path)
+        return self._resolved[key]
+
+    def _resolve(self, op_name: str, module_path: str):
         for scope in _ancestors(module_path):
             key = f"{scope}/{op_name}"
             if key in self.by_key:
@@ -108,9 +117,15 @@ def _is_pattern(key: str) -> bool:
 class SampledContext:
     """The state of one ``sampled`` block: the policy and the seed generator."""
 
+    #: Op seeds are drawn this many at a time (the same values as one at a time).
+    seed_block = 64
+
     def __init__(self, policy, seed):
         self.policy = policy if isinstance(policy, Policy) else Policy(policy)
         self.seeds = np.random.default_rng(seed)
+        self._spare_seeds: list[int] = []
+        # Sketches drawn in the forward pass come from here, in record order.
+        self.forward_stream = np.random.Generator(np.random.PCG64(self._next_seed()))
 
     def configure(self, op) -> None:
         """Attach the policy's sketch (and a fresh seed) to a recorded op."""
@@ -119,7 +134,14 @@ class SampledContext:
             return
         op.sketch = sketch
         op.placement = sketch.placement
-        op.seed = int(self.seeds.integers(2**63 - 1))
+        op.seed = self._next_seed()
+        op.forward_stream = self.forward_stream
+
+    def _next_seed(self) -> int:
+        if not self._spare_seeds:
+            block = self.seeds.integers(2**63 - 1, size=self.seed_block).tolist()
+            self._spare_seeds = block[::-1]
+        return self._spare_seeds.pop()
 
 
 @contextlib.contextmanager

@@ -265,7 +265,7 @@ class DiagonalSample:
     def expand(self, compact, axis: int):
         """Scatter compact slices back into zeros of length ``size`` along ``axis``."""
         xp = array_module(compact)
-        if compact.ndim and int(np.prod(compact.shape[axis % compact.ndim + 1 :])) < 32:
+        if compact.ndim and math.prod(compact.shape[axis % compact.ndim + 1 :]) < 32:
             return self._expand_by_gather(compact, axis % compact.ndim, xp)
         shape = list(compact.shape)
         shape[axis] = self.size
@@ -296,7 +296,7 @@ class DiagonalSample:
         return self.expand(self.compress(array, axis), axis)
 
     def apply_flops(self, shape, axis: int) -> int:
-        return int(np.prod(shape)) // max(self.size, 1) * self.kept
+        return math.prod(shape) // max(self.size, 1) * self.kept
 
     def dense(self):
         """``S`` as an ``n x n`` matrix (for tests and small studies)."""
@@ -345,7 +345,7 @@ class ProjectionSample:
         return self.expand(self.compress(array, axis), axis)
 
     def apply_flops(self, shape, axis: int) -> int:
-        return 4 * int(np.prod(shape)) * self.kept
+        return 4 * math.prod(shape) * self.kept
 
     def dense(self):
         return self.scale * self.basis @ self.basis.T

@@ -32,7 +32,7 @@ from .checkpoint import CheckpointError, load_checkpoint, restore, save_checkpoi
 from .data import DATASETS, BatchLoader, load_dataset
 from .nn import MLP, BagNet, ViT, manual_seed
 from .ops import dropout as dropout_ops
-from .sampling import sampled
+from .sampling import Policy, sampled
 from .sketch import parse
 from .tensor import Tensor
 
@@ -270,7 +270,11 @@ def build_optimizer(config: dict, model):
 
 
 def sketch_policy(spec: str, scope: str | None = None, placement: str | None = None):
-    """The policy for ``--sketch``, ``--sketch-scope`` and ``--placement`` (None when exact)."""
+    """The policy for ``--sketch``, ``--sketch-scope`` and ``--placement`` (None when exact).
+
+    A resolved :class:`rbprop.sampling.Policy`, built once and reused every step
+    (it remembers which sketch each op of the model gets).
+    """
     sketch = parse(spec)
     if sketch is None:
         return None
@@ -278,7 +282,7 @@ def sketch_policy(spec: str, scope: str | None = None, placement: str | None = N
         sketch = copy.copy(sketch)
         sketch.placement = placement
     if not scope:
-        return dict.fromkeys(SKETCHED_OPS, sketch)
+        return Policy(dict.fromkeys(SKETCHED_OPS, sketch))
     policy = {}
     for pattern in (part.strip() for part in scope.split(",")):
         if not pattern:
@@ -289,7 +293,7 @@ def sketch_policy(spec: str, scope: str | None = None, placement: str | None = N
             policy.update({f"{pattern}/{op}": sketch for op in SKETCHED_OPS})
     if not policy:
         raise ValueError(f"--sketch-scope {scope!r} names no module")
-    return policy
+    return Policy(policy)
 
 
 #: Independent random streams of one training step.

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ..backend import array_module
 from ..kernels.gelu import gelu as fused_gelu
 from ..kernels.gelu import gelu_backward as fused_gelu_backward
@@ -83,7 +81,7 @@ class Elementwise(Primitive):
         )
 
     def vjp_flops(self):
-        return self.flops_per_element * int(np.prod(self.output_shape))
+        return self.flops_per_element * math.prod(self.output_shape)
 
 
 class Add(Elementwise):

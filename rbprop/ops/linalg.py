@@ -24,10 +24,13 @@ meets in each needed gradient (for the ``dX`` part an isotropic estimate
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..backend import array_module
 from ..primitive import Primitive, ShapeError, sum_to
+from ..rowsparse import RowSparse, restrict
 from ..tensor import Tensor, as_tensor, record
 
 #: Placements that sketch the rows of the contracted axis (see the module docstring).
@@ -91,6 +94,38 @@ class Linear(Primitive):
 
     # -- exact -----------------------------------------------------------------
 
+    def accepts_row_sparse(self) -> bool:
+        """Row-sparse cotangents stay compact, except on the feature placement."""
+        return bool(self.output_shape) and (self.sketch is None or self.placement != "cotangent")
+
+    def _tokens_per_row(self) -> int:
+        """Rows of the flattened ``(rows, in)`` view per index of the leading axis."""
+        return math.prod(self.input_shapes[0][1:-1])
+
+    def _flat_rows(self, leading):
+        """Indices of the flattened rows that the leading-axis indices ``leading`` cover."""
+        tokens = self._tokens_per_row()
+        if tokens == 1:
+            return leading
+        return (leading[:, None] * tokens + np.arange(tokens)).reshape(-1)
+
+    def row_sparse_vjp(self, cotangent: RowSparse):
+        """The exact VJP of a row-sparse cotangent: GEMMs over its kept rows only."""
+        v = cotangent.values.reshape(-1, cotangent.shape[-1])
+        flat = self._flat_rows(cotangent.indices)
+        rows, in_features, out_features = self._sizes()
+        grad_x = grad_weight = grad_bias = None
+        if self.needs_input_grad[0]:
+            values = (v @ self.weight).reshape((cotangent.kept,) + self.input_shapes[0][1:])
+            grad_x = RowSparse(cotangent.indices, values, self.input_shapes[0])
+        if self.needs_input_grad[1]:
+            xp = array_module(v)
+            grad_weight = v.T @ xp.take(self.rows, xp.asarray(flat), axis=0)
+        if self._needs_bias_grad():
+            grad_bias = v.sum(axis=0)
+        self._sampled_flops = self.vjp_flops() * len(flat) // max(rows, 1)
+        return self._with_bias(grad_x, grad_weight, grad_bias)
+
     def vjp(self, cotangent):
         v = cotangent.reshape(-1, cotangent.shape[-1])
         grad_x = self._input_grad(v @ self.weight) if self.needs_input_grad[0] else None
@@ -111,7 +146,7 @@ class Linear(Primitive):
 
     def _sizes(self):
         out_features, in_features = self.input_shapes[1]
-        rows = int(np.prod(self.input_shapes[0][:-1]))
+        rows = math.prod(self.input_shapes[0][:-1])
         return rows, in_features, out_features
 
     def vjp_flops(self):
@@ -123,10 +158,9 @@ class Linear(Primitive):
     # -- sampled ---------------------------------------------------------------
 
     def sampled_vjp(self, cotangent):
-        v = cotangent.reshape(-1, cotangent.shape[-1])
         if self.placement in ROW_PLACEMENTS:
-            return self._contracted_vjp(v)
-        return self._feature_vjp(v)
+            return self._contracted_vjp(cotangent)
+        return self._feature_vjp(cotangent.reshape(-1, cotangent.shape[-1]))
 
     def _importance_weights(self, v, axis):
         needs_x, needs_weight = self.needs_input_grad[:2]
@@ -144,19 +178,88 @@ class Linear(Primitive):
                 other = other + _squared_total(self.rows) / v.shape[0]
         return array_module(v).sqrt(v_norms * other)
 
-    def _contracted_vjp(self, v):
-        xp = array_module(v)
+    def _contracted_vjp(self, cotangent):
+        """``dW = V^T S X``, ``db = 1^T S V`` and ``dX = S V W`` (or ``V W``: "weight").
+
+        ``S`` keeps rows of the flattened ``(rows, out)`` cotangent. A row-sparse
+        cotangent meets the sample on the rows both keep; with a 2-D input the
+        input gradient stays row-sparse on those rows.
+        """
+        sparse = cotangent if isinstance(cotangent, RowSparse) else None
         sample = self.sample
+        if sparse is not None and (sample is None or not sample.is_diagonal):
+            cotangent = sparse.dense()  # drawn in backward, or a projection: the dense path
+            sparse = None
+        v = cotangent.reshape(-1, cotangent.shape[-1]) if sparse is None else None
         if sample is None:
             sample = self.draw_sample(v.shape[0], weights=self._importance_weights(v, 0))
+        if not sample.is_diagonal:
+            return self._projected_vjp(v, sample)
+
+        xp = array_module(cotangent if sparse is None else sparse.values)
+        rows, in_features, out_features = self._sizes()
+        if sparse is None:
+            cotangent_rows = None
+            values = v
+        else:  # the cotangent's kept rows, in the flattened (rows, out) view
+            cotangent_rows = self._flat_rows(sparse.indices)
+            values = sparse.values.reshape(-1, out_features)
+        common, in_sample, in_cotangent = restrict(sample, cotangent_rows)
+        compact = xp.take(values, xp.asarray(in_cotangent), axis=0)  # S v on those rows
+        compact *= xp.asarray(sample.scales[in_sample], dtype=compact.dtype)[:, None]
+        kept = len(common)
+        grad_x = grad_weight = grad_bias = None
+        flops = 0
+        if self.needs_input_grad[0]:
+            if self.placement == "weight":  # exact: dX = V W on the cotangent's own rows
+                grad_x = self._row_product(values @ self.weight, sparse, rows)
+                flops += 2 * values.shape[0] * in_features * out_features
+            else:
+                grad_x = self._row_product(compact @ self.weight, common, rows)
+                flops += 2 * kept * in_features * out_features
+        if self.needs_input_grad[1]:
+            kept_rows = self.rows if sample is self.sample else sample.project(self.rows, axis=0)
+            if kept != sample.kept:
+                kept_rows = xp.take(kept_rows, xp.asarray(in_sample), axis=0)
+            grad_weight = compact.T @ kept_rows
+            flops += 2 * kept * in_features * out_features
+        if self._needs_bias_grad():
+            grad_bias = compact.sum(axis=0)
+            flops += kept * out_features
+        self._sampled_flops = flops
+        return self._with_bias(grad_x, grad_weight, grad_bias)
+
+    def _row_product(self, product, rows_kept, rows):
+        """The input gradient from its nonzero flattened rows.
+
+        ``rows_kept`` is a sorted index array of flattened rows, or a
+        :class:`RowSparse` (its leading-axis rows), or None (every row). A 2-D
+        input gets a row-sparse gradient; a batched one gets the dense array.
+        """
+        shape = self.input_shapes[0]
+        if rows_kept is None:
+            return product.reshape(shape)
+        if isinstance(rows_kept, RowSparse):
+            values = product.reshape((rows_kept.kept,) + shape[1:])
+            return RowSparse(rows_kept.indices, values, shape)
+        if self._tokens_per_row() == 1:
+            return RowSparse(rows_kept, product, shape)
+        xp = array_module(product)
+        full = xp.zeros((rows, product.shape[1]), dtype=product.dtype)
+        full[xp.asarray(rows_kept)] = product
+        return full.reshape(shape)
+
+    def _projected_vjp(self, v, sample):
+        """The contracted placement with a rank-k sketch ``S = Q Q^T``: no kept rows."""
+        xp = array_module(v)
         kept_rows = self.rows if sample is self.sample else None
         if kept_rows is None and self.rows is not None:
             kept_rows = sample.project(self.rows, axis=0)
-        compact = sample.compress(v, axis=0)  # k x out: S v restricted to kept rows
+        compact = sample.compress(v, axis=0)  # k x out: Q^T v (scaled)
         rows, in_features, out_features = self._sizes()
         kept = sample.kept
         grad_x = grad_weight = grad_bias = None
-        flops = 0
+        flops = 2 * rows * kept * (out_features + in_features)
         if self.needs_input_grad[0] and self.placement == "weight":
             grad_x = self._input_grad(v @ self.weight)  # exact: dX = V W
             flops += 2 * rows * in_features * out_features
@@ -169,8 +272,6 @@ class Linear(Primitive):
         if self._needs_bias_grad():
             grad_bias = _sum_rows(sample, compact, xp)
             flops += kept * out_features
-        if not sample.is_diagonal:
-            flops += 2 * rows * kept * (out_features + in_features)
         self._sampled_flops = flops
         return self._with_bias(grad_x, grad_weight, grad_bias)
 
@@ -252,7 +353,7 @@ class MatMul(Primitive):
         return grad_a, grad_b
 
     def _gemm_flops(self, rows, inner, cols):
-        batch = int(np.prod(self.output_shape[:-2]))
+        batch = math.prod(self.output_shape[:-2])
         return 2 * batch * rows * inner * cols
 
     def vjp_flops(self):
