@@ -1,8 +1,32 @@
 """Shape primitives: reshape, transpose, broadcast_to, indexing, concatenate, stack, pad.
 
-Their VJPs only move data (indexing's adds duplicates), so they cost no
-arithmetic; their sampled VJP sketches the cotangent and moves it exactly
-(``Primitive.sketched_cotangent_vjp``).
+Their VJPs only move data (indexing's adds duplicates, broadcasting's sums), so
+they cost no arithmetic beyond that. Their sampled VJPs sketch the output's
+leading axis and move the ``k`` kept rows of ``S v`` only (each already scaled
+by ``1/p_i``); the gradient buffer is zero-filled, and no copy or arithmetic
+touches a dropped row. Per op, the sampled VJP moves:
+
+* ``reshape``, ``transpose``: when the leading axis stays in place the op is
+  row-local and the kept rows go to the same rows of the input
+  (``Primitive.row_sampled_vjp``). Otherwise the kept rows are written into a
+  zero buffer laid out like the output, which is returned as the input-shaped
+  view (reshaped or transposed back), as the exact VJP returns its view;
+* ``broadcast_to``: the kept rows are summed over the broadcast axes (a leading
+  axis that was broadcast sums the kept rows only);
+* ``getitem``: each kept output row goes to the input positions it was read
+  from; integer-array indices scatter-add (repeated positions add up). A
+  scalar boolean in the index is not covered: there ``S v`` is formed densely;
+* ``concatenate``, ``stack`` along axis 0: each kept row goes to the one input
+  it came from; an input with no kept row gets no gradient (None);
+* ``pad`` of axis 0: the kept rows that are not padding go to their input rows;
+* ``astype``: row-local (kept rows cast back); ``to_device``: the kept rows are
+  moved back to the input's device and written into a zero gradient there.
+
+A projection (rank-k) sketch has no kept rows: ``S v`` is dense, so it is
+formed and the exact VJP moves all of it (its FLOPs say so). A scalar output
+is one row: kept whole (scaled) or dropped, when the op returns no gradient.
+:func:`leading_axis_sampled_vjp` holds these shared steps; the reductions of
+:mod:`rbprop.ops.reduction` that reduce the leading axis use it too.
 """
 
 from __future__ import annotations
@@ -10,8 +34,58 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module, to_device
-from ..primitive import Primitive, ShapeError, normalize_axis
+from ..primitive import Primitive, ShapeError, _row_norms, normalize_axis, sum_to
 from ..tensor import Tensor, as_tensor, record
+
+
+def leading_axis_sampled_vjp(op, cotangent):
+    """``J^T S v`` with ``S`` on the output's leading axis, moving the kept rows only.
+
+    Draws ``op``'s sketch over the output's leading axis (weighted by the row
+    norms of ``v`` when the sketch needs the cotangent) and hands the kept rows
+    of ``S v`` to ``op.kept_rows_vjp(indices, compact)``, which returns the
+    input gradients and the FLOPs it spent. A projection sample, a scalar output
+    and a leading axis of length 1 take the exact VJP of ``S v`` instead (there
+    is nothing smaller to work on); no kept row means no gradient (None).
+    """
+    rows = cotangent.reshape(1) if not op.output_shape else cotangent
+    weights = _row_norms(rows) if op.sketch.needs_cotangent else None
+    sample = op.draw_sample(rows.shape[0], weights=weights)
+    if not sample.is_diagonal:
+        # A projection has no kept rows: S v is dense and the exact VJP moves all of it.
+        op._sampled_flops = op.vjp_flops() + sample.apply_flops(rows.shape, 0)
+        return op.vjp(sample.apply(rows, axis=0).reshape(op.output_shape))
+    if not sample.kept:
+        op._sampled_flops = 0
+        return [None] * len(op.input_shapes)
+
+    compact = sample.compress(rows, axis=0)  # v_i / p_i on the kept rows
+    if rows.shape[0] == 1:
+        op._sampled_flops = op.vjp_flops() + int(compact.size)
+        return op.vjp(compact.reshape(op.output_shape))
+    grads, flops = op.kept_rows_vjp(sample.indices, compact)
+    op._sampled_flops = int(compact.size) + int(flops)
+    return grads
+
+
+def kept_slices_gradient(shape, axis, indices, block, dtype):
+    """A zero array of ``shape`` whose slices ``indices`` along ``axis`` hold ``block``.
+
+    The buffer is allocated with ``axis`` outermost, so that each slice is one
+    contiguous write rather than a strided one, and the result is its view with
+    the axes in ``shape``'s order. Every element is written once: zero on the
+    dropped slices, ``block`` on the kept ones (cheaper than zero-filling it all
+    and then writing the kept slices again). ``block`` has the kept axis first
+    and the others in order; it may broadcast.
+    """
+    xp = array_module(block)
+    moved_shape = (shape[axis],) + tuple(size for dim, size in enumerate(shape) if dim != axis)
+    buffer = xp.empty(moved_shape, dtype=dtype)
+    dropped = np.ones(shape[axis], dtype=bool)
+    dropped[indices] = False
+    buffer[xp.asarray(dropped)] = 0
+    buffer[xp.asarray(indices)] = block
+    return xp.moveaxis(buffer, 0, axis) if axis else buffer
 
 
 class DataMovement(Primitive):
@@ -19,14 +93,20 @@ class DataMovement(Primitive):
 
     Where the op keeps the leading axis in place (a reshape or transpose that
     leaves axis 0 alone, concatenation along another axis, ...), it is row-local
-    and its sampled VJP moves the kept rows only; otherwise ``S v`` is formed and
-    moved whole.
+    and its sampled VJP moves the kept rows only (``Primitive.row_sampled_vjp``);
+    otherwise :func:`leading_axis_sampled_vjp` sends each kept output row where
+    ``kept_rows_vjp`` says.
     """
 
     def sampled_vjp(self, cotangent):
+        """``J^T S v``, moving only the rows of ``v`` the sketch keeps (see the module)."""
         if self.row_local:
             return self.row_sampled_vjp(cotangent)
-        return self.sketched_cotangent_vjp(cotangent)
+        return leading_axis_sampled_vjp(self, cotangent)
+
+    def kept_rows_vjp(self, indices, compact):
+        """Input gradients from output rows ``indices`` holding ``compact``, and the FLOPs."""
+        raise NotImplementedError(f"{self.name}: no kept-rows VJP is written for this op")
 
 
 class Reshape(DataMovement):
@@ -47,6 +127,12 @@ class Reshape(DataMovement):
 
     def vjp(self, cotangent):
         return (cotangent.reshape(self.input_shapes[0]),)
+
+    def kept_rows_vjp(self, indices, compact):
+        # Output row i is one flat range of the input: write the kept rows into a
+        # zero buffer of the output's shape and return it reshaped (a view).
+        buffer = kept_slices_gradient(self.output_shape, 0, indices, compact, compact.dtype)
+        return (buffer.reshape(self.input_shapes[0]),), 0
 
 
 class Transpose(DataMovement):
@@ -69,6 +155,12 @@ class Transpose(DataMovement):
     def vjp(self, cotangent):
         return (cotangent.transpose(np.argsort(self.axes)),)
 
+    def kept_rows_vjp(self, indices, compact):
+        # The kept slices land at their transposed positions: a zero buffer laid out
+        # like the output, transposed back (a view, as the exact VJP returns).
+        buffer = kept_slices_gradient(self.output_shape, 0, indices, compact, compact.dtype)
+        return (buffer.transpose(np.argsort(self.axes)),), 0
+
 
 class BroadcastTo(DataMovement):
     name = "broadcast_to"
@@ -84,32 +176,21 @@ class BroadcastTo(DataMovement):
             ) from None
 
     def vjp(self, cotangent):
-        from ..primitive import sum_to
-
         return (sum_to(cotangent, self.input_shapes[0]),)
 
     def vjp_flops(self):
         return int(np.prod(self.output_shape))
 
-    def sampled_vjp(self, cotangent):
-        """``sum_to(S v)`` with ``S`` on the output's leading axis, summing kept rows only."""
-        from ..primitive import _row_norms, sum_to
-
-        if not self.output_shape:
-            return self.sketched_cotangent_vjp(cotangent)
-        weights = _row_norms(cotangent) if self.sketch.needs_cotangent else None
-        sample = self.draw_sample(self.output_shape[0], weights=weights)
-        if not sample.is_diagonal:
-            self._sampled_flops = self.vjp_flops() + sample.apply_flops(cotangent.shape, 0)
-            return (sum_to(sample.apply(cotangent, axis=0), self.input_shapes[0]),)
-        compact = sample.compress(cotangent, axis=0)
-        self._sampled_flops = 2 * int(compact.size)  # scaling and summing the kept rows
+    def kept_rows_vjp(self, indices, compact):
         input_shape = self.input_shapes[0]
         if len(input_shape) == len(self.output_shape) and input_shape[0] == self.output_shape[0]:
-            # The leading axis is not broadcast: reduce each kept row, then scatter back.
-            reduced = sum_to(compact, (sample.kept,) + tuple(input_shape[1:]))
-            return (sample.expand(reduced, axis=0),)
-        return (sum_to(compact, input_shape),)  # the leading axis is summed away
+            # The leading axis is not broadcast: reduce each kept row, then put it back.
+            reduced = sum_to(compact, (len(indices),) + tuple(input_shape[1:]))
+            grad = kept_slices_gradient(input_shape, 0, indices, reduced, compact.dtype)
+        else:
+            reduced = grad = sum_to(compact, input_shape)  # sums the kept rows only
+        # Summing m numbers into one takes m - 1 additions.
+        return (grad,), int(compact.size) - int(reduced.size)
 
 
 class GetItem(DataMovement):
@@ -138,10 +219,100 @@ class GetItem(DataMovement):
     def vjp_flops(self):
         return int(np.prod(self.output_shape)) if self.advanced else 0
 
+    def kept_rows_vjp(self, indices, compact):
+        """Send kept output rows to the input positions they were read from.
+
+        Basic indexing makes the output a view of the input, so the kept rows are
+        written through that view of a zero gradient. With integer arrays, the
+        output's leading axis is either the first axis of their broadcast shape
+        (arrays first, or not next to each other: numpy puts that shape first)
+        or a leading slice; the index is narrowed to the kept rows and the rows
+        are scatter-added, so repeated positions add up.
+
+        Not covered: a scalar boolean (``x[:, True]``), which adds an axis that
+        no input axis matches; there ``S v`` is formed densely and the exact VJP
+        moves it all (its FLOPs say so).
+        """
+        xp = array_module(compact)
+        kept = xp.asarray(indices)
+        parts = _expanded_index(self.params["index"], len(self.input_shapes[0]))
+        if parts is None:
+            sketched = xp.zeros(self.output_shape, dtype=compact.dtype)
+            sketched[kept] = compact
+            return self.vjp(sketched), self.vjp_flops()
+
+        grad = xp.zeros(self.input_shapes[0], dtype=compact.dtype)
+        arrays = [position for position, part in enumerate(parts) if _is_index_array(part)]
+        if not arrays:
+            grad[parts][kept] = compact  # a view of the gradient, shaped like the output
+            return (grad,), 0
+
+        # With an integer array present, integers index as arrays too (numpy's rule).
+        advanced = [position for position, part in enumerate(parts) if not _is_basic(part)]
+        adjacent = advanced == list(range(advanced[0], advanced[-1] + 1))
+        if not adjacent or advanced[0] == 0:
+            # Output row i reads entry i of the broadcast index arrays.
+            broadcast = np.broadcast_shapes(*(np.shape(parts[p]) for p in advanced))
+            narrowed = list(parts)
+            for position in advanced:
+                narrowed[position] = xp.broadcast_to(xp.asarray(parts[position]), broadcast)[kept]
+            _scatter_add(grad, tuple(narrowed), compact)
+            return (grad,), int(compact.size)
+
+        # Adjacent arrays after a leading slice: output row i is row i of x[slice].
+        leading = grad[parts[0]]
+        rest = parts[1:]
+        if advanced[0] == 1:
+            # Kept rows as one more array in front of the others: still adjacent.
+            depth = len(np.broadcast_shapes(*(np.shape(parts[p]) for p in advanced)))
+            rows = kept.reshape((-1,) + (1,) * depth)
+            _scatter_add(leading, (rows,) + rest, compact)
+        else:
+            kept_rows = xp.zeros((len(indices),) + leading.shape[1:], dtype=compact.dtype)
+            _scatter_add(kept_rows, (slice(None),) + rest, compact)
+            leading[kept] = kept_rows
+        return (grad,), int(compact.size)
+
 
 def _is_advanced(index) -> bool:
     parts = index if isinstance(index, tuple) else (index,)
     return any(hasattr(part, "shape") or isinstance(part, (list, np.ndarray)) for part in parts)
+
+
+def _is_index_array(part) -> bool:
+    return hasattr(part, "ndim") and not isinstance(part, (int, np.integer))
+
+
+def _is_basic(part) -> bool:
+    return part is None or isinstance(part, slice)
+
+
+def _expanded_index(index, ndim: int):
+    """``index`` as a tuple in which every entry indexes one axis or adds one (None).
+
+    Lists become arrays, boolean arrays their ``nonzero()`` integer arrays (one per
+    axis they cover), 0-d integer arrays plain ints (numpy treats them so) and the
+    Ellipsis the slices it stands for. None for an index holding a scalar boolean.
+    """
+    parts = []
+    for part in index if isinstance(index, tuple) else (index,):
+        if isinstance(part, list):
+            part = np.asarray(part)
+        if isinstance(part, (bool, np.bool_)) or (
+            hasattr(part, "dtype") and part.dtype == bool and part.ndim == 0
+        ):
+            return None
+        if hasattr(part, "dtype") and part.dtype == bool:
+            parts.extend(part.nonzero())
+        elif hasattr(part, "ndim") and part.ndim == 0:
+            parts.append(int(part))
+        else:
+            parts.append(part)
+    if any(part is Ellipsis for part in parts):
+        at = next(position for position, part in enumerate(parts) if part is Ellipsis)
+        covered = sum(1 for part in parts if part is not None and part is not Ellipsis)
+        parts[at : at + 1] = [slice(None)] * (ndim - covered)
+    return tuple(parts)
 
 
 def _scatter_add(target, index, values):
@@ -180,6 +351,16 @@ class Concatenate(DataMovement):
         bounds = np.cumsum([shape[self.axis] for shape in self.input_shapes])[:-1]
         return tuple(xp.split(cotangent, bounds, axis=self.axis))
 
+    def kept_rows_vjp(self, indices, compact):
+        # Along axis 0: kept row i belongs to the input whose rows [start, stop) hold it.
+        grads = []
+        start = 0
+        for shape, needed in zip(self.input_shapes, self.needs_input_grad, strict=True):
+            stop = start + shape[0]
+            grads.append(_rows_into(shape, indices, compact, start, stop) if needed else None)
+            start = stop
+        return grads, 0
+
 
 class Stack(DataMovement):
     name = "stack"
@@ -199,6 +380,14 @@ class Stack(DataMovement):
         return tuple(
             xp.take(cotangent, index, axis=self.axis) for index in range(len(self.input_shapes))
         )
+
+    def kept_rows_vjp(self, indices, compact):
+        # Along axis 0: output row j is input j, kept whole (already scaled) or dropped.
+        grads = [None] * len(self.input_shapes)
+        for position, row in enumerate(indices.tolist()):
+            if self.needs_input_grad[row]:
+                grads[row] = compact[position]
+        return grads, 0
 
 
 class Pad(DataMovement):
@@ -224,6 +413,17 @@ class Pad(DataMovement):
         )
         return (cotangent[index],)
 
+    def kept_rows_vjp(self, indices, compact):
+        # Axis 0 is padded: kept rows in [before, rows - after) are input rows, shifted.
+        before, after = (int(width) for width in self.widths[0])
+        trailing = tuple(
+            slice(low, size - high)
+            for (low, high), size in zip(self.widths[1:], compact.shape[1:], strict=True)
+        )
+        cropped = compact[(slice(None),) + trailing]  # a view: the kept rows' input part
+        stop = self.output_shape[0] - after
+        return (_rows_into(self.input_shapes[0], indices, cropped, before, stop),), 0
+
 
 class ToDevice(DataMovement):
     name = "to_device"
@@ -235,16 +435,40 @@ class ToDevice(DataMovement):
     def vjp(self, cotangent):
         return (to_device(cotangent, self.source),)
 
+    def kept_rows_vjp(self, indices, compact):
+        # Only the kept rows travel back to the input's device.
+        moved = to_device(compact, self.source)
+        grad = kept_slices_gradient(self.input_shapes[0], 0, indices, moved, moved.dtype)
+        return (grad,), 0
+
 
 class AsType(DataMovement):
     name = "astype"
 
     def forward(self, x):
         self.input_dtype = x.dtype
+        self.row_local = x.ndim > 0  # row i of the output is row i of the input, cast
         return x.astype(self.params["dtype"])
 
     def vjp(self, cotangent):
         return (cotangent.astype(self.input_dtype),)
+
+
+def _rows_into(shape, indices, compact, start, stop):
+    """A zero gradient of ``shape`` holding the kept rows in ``[start, stop)``, shifted by start.
+
+    ``indices`` are the kept output rows and ``compact`` their values; None when
+    none of them falls in the range (no gradient reaches that input).
+    """
+    inside = np.flatnonzero((indices >= start) & (indices < stop))
+    if not inside.size:
+        return None
+    xp = array_module(compact)
+    if inside[-1] - inside[0] + 1 == inside.size:
+        rows = compact[inside[0] : inside[-1] + 1]  # contiguous (sorted samples): a view
+    else:
+        rows = compact[xp.asarray(inside)]
+    return kept_slices_gradient(shape, 0, indices[inside] - start, rows, compact.dtype)
 
 
 def reshape(x, shape):
