@@ -178,6 +178,34 @@ class Primitive:
         """
         return self.row_local and bool(self.output_shape)
 
+    def rows_read(self):
+        """The sorted rows of the output cotangent this op's VJP will read, or None (all).
+
+        An op below can skip computing gradient rows that nobody reads. Only ops
+        that know it in advance say so: a ``linear`` whose sketch on the batch
+        rows was drawn in the forward pass, and exact row-local ops whose one
+        gradient goes to such an op (they read what their producer reads).
+        """
+        op = self
+        for _ in range(64):  # a long chain of row-local ops is not worth walking
+            producer = op._row_producer()
+            if producer is None:
+                return None
+            if type(producer).rows_read is not Primitive.rows_read:
+                return producer.rows_read()
+            op = producer
+        return None
+
+    def _row_producer(self):
+        """The producer an exact row-local op hands its only (row-aligned) gradient to."""
+        if not self.row_local or self.sketch is not None or not self.output_shape:
+            return None
+        needing = [index for index, needed in enumerate(self.needs_input_grad) if needed]
+        if len(needing) != 1 or not self.row_aligned(self.input_shapes[needing[0]]):
+            return None
+        producer = self.edges[needing[0]]
+        return producer if isinstance(producer, Primitive) else None
+
     def sampled_vjp_flops(self) -> int:
         """Floating-point operations the last sampled VJP spent."""
         return getattr(self, "_sampled_flops", self.vjp_flops())

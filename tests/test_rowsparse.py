@@ -236,3 +236,24 @@ def test_per_row_cross_entropy_below_a_sampled_op_works_on_kept_rows():
     dropped = np.setdiff1d(np.arange(12), kept)
     assert np.all(logits.grad.data[dropped] == 0)
     assert np.all(np.abs(logits.grad.data[kept]).sum(axis=1) > 0)
+
+
+def test_linear_skips_input_gradient_rows_that_the_layer_below_never_reads():
+    rng = np.random.default_rng(8)
+    x = rbprop.tensor(rng.standard_normal((64, 6)))
+    w0 = rbprop.tensor(rng.standard_normal((5, 6)), requires_grad=True)
+    w1 = rbprop.tensor(rng.standard_normal((3, 5)), requires_grad=True)
+    with rbprop.sampled({"linear": Bernoulli(0.5)}, seed=9):
+        hidden = F.relu(F.linear(x, w0))
+        output = F.linear(hidden, w1)
+    lower = hidden.op.edges[0]
+    assert lower.name == "linear"
+    np.testing.assert_array_equal(hidden.op.rows_read(), lower.sample.indices)
+    grad_hidden = output.op.run_vjp(np.ones((64, 3)))[0]
+    assert isinstance(grad_hidden, RowSparse)
+    expected = np.intersect1d(output.op.sample.indices, lower.sample.indices)
+    np.testing.assert_array_equal(grad_hidden.indices, expected)
+    # With the "weight" placement below, every row of dX is read: nothing is skipped.
+    with rbprop.sampled({"linear": Bernoulli(0.5, placement="weight")}, seed=9):
+        hidden = F.relu(F.linear(x, w0))
+    assert hidden.op.rows_read() is None

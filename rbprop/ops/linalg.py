@@ -109,6 +109,38 @@ class Linear(Primitive):
             return leading
         return (leading[:, None] * tokens + np.arange(tokens)).reshape(-1)
 
+    def rows_read(self):
+        """The kept batch rows, when a diagonal sketch drawn in forward sits on them.
+
+        With the "contracted" placement, ``dW``, ``db`` and ``dX`` all read the
+        cotangent on the sketch's kept rows only.
+        """
+        sample = self.sample
+        if self.placement != "contracted" or sample is None or not sample.is_diagonal:
+            return None
+        tokens = self._tokens_per_row()
+        return sample.indices if tokens == 1 else np.unique(sample.indices // tokens)
+
+    def _unread_rows_skipped(self, values, rows_kept):
+        """``values`` (at flattened rows ``rows_kept``, None: all) without rows nobody reads.
+
+        The input's producer may read only some rows of this op's input gradient
+        (:meth:`Primitive.rows_read`); ``dX`` rows outside them would be computed
+        and thrown away. Returns the remaining values and their rows. Batched
+        inputs (several rows per leading index) are left whole.
+        """
+        producer = self.edges[0] if self.edges else None
+        if not isinstance(producer, Primitive) or self._tokens_per_row() != 1:
+            return values, rows_kept
+        read = producer.rows_read()
+        if read is None:
+            return values, rows_kept
+        xp = array_module(values)
+        if rows_kept is None:
+            return xp.take(values, xp.asarray(read), axis=0), read
+        both, here, _ = np.intersect1d(rows_kept, read, assume_unique=True, return_indices=True)
+        return xp.take(values, xp.asarray(here), axis=0), both
+
     def row_sparse_vjp(self, cotangent: RowSparse):
         """The exact VJP of a row-sparse cotangent: GEMMs over its kept rows only."""
         v = cotangent.values.reshape(-1, cotangent.shape[-1])
@@ -116,8 +148,12 @@ class Linear(Primitive):
         rows, in_features, out_features = self._sizes()
         grad_x = grad_weight = grad_bias = None
         if self.needs_input_grad[0]:
-            values = (v @ self.weight).reshape((cotangent.kept,) + self.input_shapes[0][1:])
-            grad_x = RowSparse(cotangent.indices, values, self.input_shapes[0])
+            read, rows_read = self._unread_rows_skipped(v, self._flat_rows(cotangent.indices))
+            if self._tokens_per_row() == 1:
+                grad_x = RowSparse(rows_read, read @ self.weight, self.input_shapes[0])
+            else:
+                values = (v @ self.weight).reshape((cotangent.kept,) + self.input_shapes[0][1:])
+                grad_x = RowSparse(cotangent.indices, values, self.input_shapes[0])
         if self.needs_input_grad[1]:
             xp = array_module(v)
             grad_weight = v.T @ xp.take(self.rows, xp.asarray(flat), axis=0)
@@ -212,11 +248,13 @@ class Linear(Primitive):
         flops = 0
         if self.needs_input_grad[0]:
             if self.placement == "weight":  # exact: dX = V W on the cotangent's own rows
-                grad_x = self._row_product(values @ self.weight, sparse, rows)
-                flops += 2 * values.shape[0] * in_features * out_features
+                own_rows = None if sparse is None else self._flat_rows(sparse.indices)
+                read, rows_read = self._unread_rows_skipped(values, own_rows)
+                grad_x = self._row_product(read @ self.weight, rows_read, rows)
             else:
-                grad_x = self._row_product(compact @ self.weight, common, rows)
-                flops += 2 * kept * in_features * out_features
+                read, rows_read = self._unread_rows_skipped(compact, common)
+                grad_x = self._row_product(read @ self.weight, rows_read, rows)
+            flops += 2 * read.shape[0] * in_features * out_features
         if self.needs_input_grad[1]:
             kept_rows = self.rows if sample is self.sample else sample.project(self.rows, axis=0)
             if kept != sample.kept:
@@ -232,16 +270,13 @@ class Linear(Primitive):
     def _row_product(self, product, rows_kept, rows):
         """The input gradient from its nonzero flattened rows.
 
-        ``rows_kept`` is a sorted index array of flattened rows, or a
-        :class:`RowSparse` (its leading-axis rows), or None (every row). A 2-D
-        input gets a row-sparse gradient; a batched one gets the dense array.
+        ``rows_kept`` is a sorted index array of flattened rows, or None (every
+        row). A 2-D input gets a row-sparse gradient; a batched one gets the
+        dense array.
         """
         shape = self.input_shapes[0]
         if rows_kept is None:
             return product.reshape(shape)
-        if isinstance(rows_kept, RowSparse):
-            values = product.reshape((rows_kept.kept,) + shape[1:])
-            return RowSparse(rows_kept.indices, values, shape)
         if self._tokens_per_row() == 1:
             return RowSparse(rows_kept, product, shape)
         xp = array_module(product)
