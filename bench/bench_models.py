@@ -1,15 +1,32 @@
 """Seconds per training step of MLP, BagNet and ViT: rbprop exact, rbprop sampled, PyTorch.
 
 One process, one run: for each model on mnist5k shapes (batch 128, 1x28x28
-images, 10 classes) it times a full training step (forward, cross-entropy,
-backward, SGD-with-momentum update) for rbprop with exact VJPs, rbprop with a
-sketch on every linear and conv layer, and PyTorch on the CPU with the same
-architecture, shapes and thread count. Each figure is the median of
-``--steps`` steps after ``--warmup`` steps (which also absorb numba's compile
-time). PyTorch is optional: ``pip install torch==2.13.0`` gives a CPU build;
-without it the PyTorch column is skipped with a message.
+images, 10 classes) it times a full training step (forward with the
+cross-entropy loss, backward, SGD-with-momentum update) for rbprop with exact
+VJPs, rbprop with a sketch on every linear and conv2d op, and PyTorch on the
+CPU with the same architecture, shapes and thread count. Each step is cut into
+its parts, timed separately:
 
-    python bench/bench_models.py [--sketch bernoulli:0.25] [--steps 15] [--json PATH]
+* ``forward``: the model and the loss, recorded for backward;
+* ``backward``: ``loss.backward()``;
+* ``optimizer``: ``zero_grad()`` and ``step()``;
+* ``step``: the three together.
+
+Each figure is the median over ``--steps`` steps after ``--warmup`` steps
+(which also absorb numba's compile time; take at least two, since SGD's fused
+momentum kernel first runs at the second step); ``step`` is the median of the step
+totals, not the sum of the parts' medians. Exact and sampled rbprop steps
+alternate, and ``sampled / exact`` is the median over those pairs of the
+ratio, so a change in machine load moves both sides. PyTorch runs in a block
+of its own after them: its thread pool and OpenBLAS's spin for a while after
+each call, and alternating them would make each engine pay for the other's
+spinning threads.
+
+PyTorch is optional; without it the PyTorch rows are skipped with a message
+saying how to install the CPU build.
+
+    python bench/bench_models.py [--sketch bernoulli:0.25] [--placement weight]
+        [--steps 15] [--threads N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,43 +37,97 @@ import statistics
 import time
 
 import numpy as np
+from bench_environment import TORCH_INSTALL_HINT, blas_threads, pin_threads, torch_version
 
 import rbprop as rb
 from rbprop import functional as F
-from rbprop import nn, optim
+from rbprop import optim
+from rbprop.nn import manual_seed
 from rbprop.train import build_model, default_config
 
 BATCH, CHANNELS, SIZE, CLASSES = 128, 1, 28, 10
+MODELS = ("mlp", "bagnet", "vit")
+PARTS = ("forward", "backward", "optimizer", "step")
+
+
+def make_batch(batch: int = BATCH, seed: int = 0):
+    """Random images ``(batch, 1, 28, 28)`` in [0, 1) and integer labels: mnist5k's shapes."""
+    rng = np.random.default_rng(seed)
+    images = rng.random((batch, CHANNELS, SIZE, SIZE), dtype=np.float32)
+    return images, rng.integers(0, CLASSES, batch)
 
 
 def build_rbprop(name: str, seed: int = 0):
     """The model ``rbprop train --model NAME`` trains, with its default sizes."""
-    nn.manual_seed(seed)
+    manual_seed(seed)
     return build_model(default_config(model=name), (CHANNELS, SIZE, SIZE), CLASSES)
 
 
-def rbprop_step_seconds(name, sketch_spec, images, labels, steps, warmup, placement=None):
+def sketch_policy(sketch_spec: str, placement: str | None = None):
+    """The policy sampling every linear and conv2d op, or None for ``exact``."""
+    sketch = rb.sketch.parse(sketch_spec)
+    if sketch is None:
+        return None
+    if placement:
+        sketch.placement = placement
+    return {"linear": sketch, "conv2d": sketch}
+
+
+def medians(step_parts: list[dict]) -> dict:
+    """Median seconds of each part over the timed steps."""
+    return {part: statistics.median(step[part] for step in step_parts) for part in PARTS}
+
+
+def _rbprop_trainer(name: str):
     model = build_rbprop(name)
     model.train()
-    optimizer = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    sketch = rb.sketch.parse(sketch_spec)
-    if sketch is not None and placement:
-        sketch.placement = placement
-    policy = None if sketch is None else {"linear": sketch, "conv2d": sketch}
-    x, y = rb.tensor(images), rb.tensor(labels)
-    timings = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        if policy is None:
+    return model, optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def rbprop_step(model, optimizer, x, y, policy, seed) -> dict:
+    """One training step; seconds of each part."""
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    forward_start = time.perf_counter()
+    if policy is None:
+        loss = F.cross_entropy(model(x), y)
+    else:
+        with rb.sampled(policy, seed=seed):
             loss = F.cross_entropy(model(x), y)
-        else:
-            with rb.sampled(policy, seed=step):
-                loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings[warmup:])
+    backward_start = time.perf_counter()
+    loss.backward()
+    update_start = time.perf_counter()
+    optimizer.step()
+    end = time.perf_counter()
+    return {
+        "forward": backward_start - forward_start,
+        "backward": update_start - backward_start,
+        "optimizer": (forward_start - start) + (end - update_start),
+        "step": end - start,
+    }
+
+
+def time_rbprop(name, sketch_spec, images, labels, steps, warmup, placement=None) -> dict:
+    """Exact and sampled training steps, alternating; medians and paired ratios.
+
+    Returns ``{"exact": medians, "sampled": medians, "sampled_over_exact": ratios}``,
+    the ratios being, per part, the median over steps of sampled / exact seconds.
+    """
+    exact_trainer, sampled_trainer = _rbprop_trainer(name), _rbprop_trainer(name)
+    policy = sketch_policy(sketch_spec, placement)
+    x, y = rb.tensor(images), rb.tensor(labels)
+    exact, sampled = [], []
+    for step in range(warmup + steps):
+        exact_parts = rbprop_step(*exact_trainer, x, y, None, step)
+        sampled_parts = rbprop_step(*sampled_trainer, x, y, policy, step)
+        if step >= warmup:
+            exact.append(exact_parts)
+            sampled.append(sampled_parts)
+    ratios = {
+        part: statistics.median(s[part] / e[part] for s, e in zip(sampled, exact, strict=True))
+        for part in PARTS
+    }
+    return {"exact": medians(exact), "sampled": medians(sampled), "sampled_over_exact": ratios}
 
 
 def build_torch(name: str, twin):
@@ -144,7 +215,29 @@ def build_torch(name: str, twin):
     )  # fmt: skip
 
 
-def torch_step_seconds(name, images, labels, steps, warmup, threads):
+def torch_step(model, optimizer, x, y) -> dict:
+    """One PyTorch training step; seconds of each part."""
+    import torch
+
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    forward_start = time.perf_counter()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    backward_start = time.perf_counter()
+    loss.backward()
+    update_start = time.perf_counter()
+    optimizer.step()
+    end = time.perf_counter()
+    return {
+        "forward": backward_start - forward_start,
+        "backward": update_start - backward_start,
+        "optimizer": (forward_start - start) + (end - update_start),
+        "step": end - start,
+    }
+
+
+def time_torch(name, images, labels, steps, warmup, threads) -> dict:
+    """Median seconds of each part of a PyTorch training step, on ``threads`` threads."""
     import torch
 
     torch.manual_seed(0)
@@ -153,32 +246,81 @@ def torch_step_seconds(name, images, labels, steps, warmup, threads):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    timings = []
-    for _ in range(warmup + steps):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings[warmup:])
+    timed = []
+    for step in range(warmup + steps):
+        parts = torch_step(model, optimizer, x, y)
+        if step >= warmup:
+            timed.append(parts)
+    return medians(timed)
 
 
-def blas_threads() -> int:
-    try:
-        from threadpoolctl import threadpool_info
+def bench_model(
+    name, sketch_spec, images, labels, *, steps, warmup, threads, placement=None, with_torch=True
+) -> dict:
+    """One model's figures: rbprop exact and sampled, PyTorch (None without it) and ratios."""
+    rbprop_timings = time_rbprop(name, sketch_spec, images, labels, steps, warmup, placement)
+    reference = time_torch(name, images, labels, steps, warmup, threads) if with_torch else None
+    exact = rbprop_timings["exact"]
+    return {
+        "model": name,
+        "batch": int(images.shape[0]),
+        "steps": steps,
+        "sketch": sketch_spec,
+        "placement": placement or "op default",
+        "exact": exact,
+        "sampled": rbprop_timings["sampled"],
+        "torch": reference,
+        "sampled_over_exact": rbprop_timings["sampled_over_exact"],
+        "exact_over_torch": None if reference is None else exact["step"] / reference["step"],
+    }
 
-        counts = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
-        return max(counts) if counts else 1
-    except ImportError:
-        import os
 
-        return os.cpu_count() or 1
+def bench_models(names, sketch_spec, *, batch=BATCH, log=print, **options) -> list[dict]:
+    """:func:`bench_model` (``options``: its keyword arguments) for each model, one batch."""
+    images, labels = make_batch(batch)
+    rows = []
+    for name in names:
+        row = bench_model(name, sketch_spec, images, labels, **options)
+        rows.append(row)
+        torch_ms = "-" if row["torch"] is None else f"{1e3 * row['torch']['step']:.1f}"
+        log(
+            f"{name}: step ms {1e3 * row['exact']['step']:.1f} exact, "
+            f"{1e3 * row['sampled']['step']:.1f} {sketch_spec}, {torch_ms} PyTorch"
+        )
+    return rows
+
+
+def markdown_table(rows) -> str:
+    """One line per model and engine: the parts in ms and the step's ratios."""
+    lines = [
+        "| model | run | forward ms | backward ms | optimizer ms | step ms "
+        "| step / rbprop exact | step / PyTorch |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        torch_step_seconds = row["torch"]["step"] if row["torch"] else None
+        runs = [
+            ("rbprop exact", row["exact"], 1.0),
+            (f"rbprop {row['sketch']}", row["sampled"], row["sampled_over_exact"]["step"]),
+        ]
+        if row["torch"]:
+            runs.append(("PyTorch", row["torch"], row["torch"]["step"] / row["exact"]["step"]))
+        for label, parts, over_exact in runs:
+            over_torch = None if torch_step_seconds is None else parts["step"] / torch_step_seconds
+            cells = " | ".join(f"{1e3 * parts[part]:.2f}" for part in PARTS)
+            lines.append(
+                f"| {row['model']} | {label} | {cells} | {over_exact:.3f} | {_ratio(over_torch)} |"
+            )
+    return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mlp,bagnet,vit")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--sketch", default="bernoulli:0.25")
     parser.add_argument(
         "--placement",
@@ -187,62 +329,38 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and PyTorch threads")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
-    rng = np.random.default_rng(0)
-    images = rng.random((BATCH, CHANNELS, SIZE, SIZE), dtype=np.float32)
-    labels = rng.integers(0, CLASSES, BATCH)
-    threads = blas_threads()
-    try:
-        import torch  # noqa: F401
-
-        have_torch = True
-    except ImportError:
-        have_torch = False
-        print("PyTorch is not installed: its column is skipped (pip install torch==2.13.0).")
-
-    rows = []
-    for name in args.models.split(","):
-        exact = rbprop_step_seconds(name, "exact", images, labels, args.steps, args.warmup)
-        sampled = rbprop_step_seconds(
-            name, args.sketch, images, labels, args.steps, args.warmup, args.placement
-        )
-        reference = (
-            torch_step_seconds(name, images, labels, args.steps, args.warmup, threads)
-            if have_torch
-            else None
-        )
-        rows.append(
-            {
-                "model": name,
-                "exact_seconds": exact,
-                "sampled_seconds": sampled,
-                "sketch": args.sketch,
-                "placement": args.placement or "op default",
-                "torch_seconds": reference,
-                "exact_over_torch": None if reference is None else exact / reference,
-                "sampled_over_exact": sampled / exact,
-            }
-        )
-
-    print(f"\nTraining step, batch {BATCH}, {threads} thread(s), median of {args.steps} steps\n")
-    print(
-        f"| model | rbprop exact (ms) | rbprop {args.sketch} (ms) | PyTorch (ms) "
-        "| exact / PyTorch | sampled / exact |"
+    if args.threads is not None:
+        pin_threads(args.threads, reexec=argv is None)
+    threads = blas_threads() or 1
+    with_torch = not args.no_torch and torch_version() is not None
+    if not args.no_torch and not with_torch:
+        print(f"PyTorch is not installed: its rows are skipped ({TORCH_INSTALL_HINT}).")
+    names = args.models.split(",")
+    rows = bench_models(
+        names,
+        args.sketch,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=threads,
+        placement=args.placement,
+        with_torch=with_torch,
     )
-    print("| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        torch_ms = "-" if row["torch_seconds"] is None else f"{1e3 * row['torch_seconds']:.1f}"
-        ratio = "-" if row["exact_over_torch"] is None else f"{row['exact_over_torch']:.2f}"
-        print(
-            f"| {row['model']} | {1e3 * row['exact_seconds']:.1f} | "
-            f"{1e3 * row['sampled_seconds']:.1f} | {torch_ms} | {ratio} | "
-            f"{row['sampled_over_exact']:.2f} |"
-        )
+
+    print(
+        f"\nTraining step, batch {args.batch}, {threads} thread(s), median of {args.steps} steps\n"
+    )
+    print(markdown_table(rows))
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"threads": threads, "batch": BATCH, "rows": rows}, handle, indent=2)
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"threads": threads, "batch": args.batch, "rows": rows}, handle, indent=2)
+            handle.write("\n")
     return 0
 
 

@@ -17,7 +17,8 @@ runs alternate) and prints a markdown table:
   counted); only sketches drawn in the forward pass on the contracted axis shrink it.
 
 Usage: ``python bench/bench_ops.py [--quick] [--json PATH] [--ops linear,exp]
-[--sketches uniform:0.25,bernoulli:0.25] [--repeats N]``.
+[--sketches uniform:0.25,bernoulli:0.25] [--repeats N] [--threads N]``.
+``bench/run.py`` runs these functions together with the per-model benchmark.
 """
 
 from __future__ import annotations
@@ -25,43 +26,59 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
+from bench_environment import describe, pin_threads
 
 from rbprop.compare import available_ops, backward_flops, forward, make_inputs, saved_bytes
 from rbprop.sketch import parse
 
-# op name -> (shape, placements); shapes follow rbprop.compare's registry.
-FULL = {
-    "linear": ((512, 1024, 1024), ("contracted", "cotangent")),
-    "matmul": ((8, 256, 256, 256), ("contracted", "cotangent")),
-    "conv2d": ((32, 32, 16, 16, 64, 3), ("contracted", "cotangent")),
-    "scaled_dot_product_attention": ((8, 256, 64), ("contracted", "cotangent")),
-    "exp": ((4096, 512), (None,)),
-    "tanh": ((4096, 512), (None,)),
-    "relu": ((4096, 512), (None,)),
-    "gelu": ((4096, 512), (None,)),
-    "softmax": ((4096, 512), (None,)),
-    "layer_norm": ((4096, 512), (None,)),
-}
-QUICK = {
-    "linear": FULL["linear"],
-    "conv2d": ((16, 16, 16, 16, 32, 3), ("contracted",)),
-    "scaled_dot_product_attention": ((4, 128, 64), ("contracted",)),
-    "exp": ((2048, 512), (None,)),
-}
+BOTH_PLACEMENTS = ("contracted", "cotangent")
+ROWS = (None,)  # row-local ops: the sketch has one place, the rows of the cotangent
+
+
+class OpPlan(NamedTuple):
+    """One op to benchmark: its name in ``rbprop.compare``, input shape and placements."""
+
+    name: str
+    shape: tuple
+    placements: tuple
+
+
+# Shapes follow rbprop.compare's registry (see its ``shape_help``).
+FULL = (
+    OpPlan("linear", (512, 1024, 1024), BOTH_PLACEMENTS),
+    OpPlan("matmul", (8, 256, 256, 256), BOTH_PLACEMENTS),
+    OpPlan("conv2d", (32, 32, 16, 16, 64, 3), BOTH_PLACEMENTS),
+    OpPlan("scaled_dot_product_attention", (8, 256, 64), BOTH_PLACEMENTS),
+    OpPlan("exp", (4096, 512), ROWS),
+    OpPlan("tanh", (4096, 512), ROWS),
+    OpPlan("relu", (4096, 512), ROWS),
+    OpPlan("gelu", (4096, 512), ROWS),
+    OpPlan("softmax", (4096, 512), ROWS),
+    OpPlan("layer_norm", (4096, 512), ROWS),
+)
+QUICK = (
+    FULL[0],
+    OpPlan("conv2d", (16, 16, 16, 16, 32, 3), ("contracted",)),
+    OpPlan("scaled_dot_product_attention", (4, 128, 64), ("contracted",)),
+    OpPlan("exp", (2048, 512), ROWS),
+)
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+#: Families timed at every keep ratio, and those timed at 0.25 only (unless all_families).
+MAIN_FAMILIES = ("bernoulli", "uniform")
+EXTRA_FAMILIES = ("rank", "importance")
 
 
-def sketch_specs(all_families: bool) -> list[str]:
-    specs = [f"{family}:{r:g}" for family in ("bernoulli", "uniform") for r in KEEP_RATIOS]
+def sketch_specs(all_families: bool = False, extra_families=EXTRA_FAMILIES) -> list[str]:
+    """Sketch specs to time: the main families at every keep ratio, the extra ones too."""
+    specs = [f"{family}:{r:g}" for family in MAIN_FAMILIES for r in KEEP_RATIOS]
     extra_ratios = KEEP_RATIOS if all_families else (0.25,)
-    specs += [f"{family}:{r:g}" for family in ("rank", "importance") for r in extra_ratios]
+    specs += [f"{family}:{r:g}" for family in extra_families for r in extra_ratios]
     return specs
 
 
@@ -107,8 +124,8 @@ def paired_timings(case, arrays, cotangent, policy, repeats, warmup) -> dict:
     }
 
 
-def bench_op(name, shape, placements, specs, repeats, warmup, dtype):
-    """Rows of the table for one op, every placement and sketch."""
+def bench_op(name, shape, placements, specs, repeats, warmup, dtype, log=print):
+    """Rows of the table for one op, every placement and sketch (``log`` gets each line)."""
     case = available_ops()[name]
     arrays = make_inputs(case, shape, seed=0, dtype=dtype)
     probe, _ = forward(case, arrays)
@@ -141,12 +158,24 @@ def bench_op(name, shape, placements, specs, repeats, warmup, dtype):
                 )
             )
             rows[-1]["exact_seconds"] = timings["exact"]  # the paired exact runs' median
-            print(_format(rows[-1]), flush=True)
+            log(_format(rows[-1]))
     exact_row = _row(
         name, shape, "-", "exact", statistics.median(exact_timings), 1.0, 1.0, exact_bytes, 1.0
     )
-    print(_format(exact_row), flush=True)
+    log(_format(exact_row))
     return [exact_row] + rows
+
+
+def bench_plan(plan, specs, repeats, warmup, dtype, log=print) -> list[dict]:
+    """Rows for every op of ``plan`` (ops missing from rbprop.functional are logged, skipped)."""
+    known = available_ops()
+    rows = []
+    for name, shape, placements in plan:
+        if name not in known:
+            log(f"| {name} | (not in rbprop.functional yet: skipped) |||||||")
+            continue
+        rows += bench_op(name, shape, placements, specs, repeats, warmup, dtype, log)
+    return rows
 
 
 def _row(op, shape, placement, sketch, seconds, time_ratio, flops_ratio, kept, bytes_ratio):
@@ -169,6 +198,11 @@ HEADER = (
 )
 
 
+def markdown_table(rows) -> str:
+    """The rows as a markdown table, under :data:`HEADER`."""
+    return "\n".join([HEADER] + [_format(row) for row in rows])
+
+
 def _format(row) -> str:
     def ratio(value):
         return "n/a" if value is None else f"{value:.3f}"
@@ -181,16 +215,8 @@ def _format(row) -> str:
     )
 
 
-def environment() -> dict:
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"),
-        "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-    }
+def _print_now(line: str) -> None:
+    print(line, flush=True)
 
 
 def main(argv=None) -> int:
@@ -205,35 +231,34 @@ def main(argv=None) -> int:
         "--sketches", default=None, help="comma-separated specs instead of the default set"
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="write the rows as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: as is)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        pin_threads(args.threads, reexec=argv is None)
 
     plan = QUICK if args.quick else FULL
-    known = available_ops()
     if args.ops:
         wanted = args.ops.split(",")
-        unknown = [name for name in wanted if name not in FULL]
+        names = sorted({entry.name for entry in FULL})
+        unknown = [name for name in wanted if name not in names]
         if unknown:
-            parser.error(f"unknown ops {unknown}; choose from {sorted(FULL)}")
-        plan = {name: FULL[name] for name in wanted}
+            parser.error(f"unknown ops {unknown}; choose from {names}")
+        plan = [entry for entry in FULL if entry.name in wanted]
     repeats = args.repeats or (5 if args.quick else 9)
     specs = args.sketches.split(",") if args.sketches else sketch_specs(args.all_families)
     for spec in specs:
         parse(spec)  # a bad spec fails here, before any timing
     dtype = np.dtype(args.dtype)
 
-    print(f"environment: {environment()}")
+    environment = describe()
+    print(f"environment: {environment}")
     print(f"dtype {dtype}, median of {repeats} runs after {args.warmup} warm-up runs")
     print("(time ratio: median over pairs of sampled / exact, timed alternately)\n")
     print(HEADER, flush=True)
-    rows = []
-    for name, (shape, placements) in plan.items():
-        if name not in known:
-            print(f"| {name} | (not in rbprop.functional yet: skipped) |||||||", flush=True)
-            continue
-        rows += bench_op(name, shape, placements, specs, repeats, args.warmup, dtype)
+    rows = bench_plan(plan, specs, repeats, args.warmup, dtype, log=_print_now)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"environment": environment(), "rows": rows}, handle, indent=2)
+            json.dump({"environment": environment, "rows": rows}, handle, indent=2)
             handle.write("\n")
     return 0
 

@@ -228,6 +228,11 @@ def water_filling(weights, budget: float):
     return np.minimum(1.0, scale[first] * weights)
 
 
+#: Arrays this large are compressed by the fused gather-and-scale kernel; below it,
+#: the kernel's call overhead outweighs the pass it saves (measured in bench_kernels).
+_FUSED_GATHER_SIZE = 1 << 16
+
+
 class DiagonalSample:
     """``S = diag(s)`` with ``s`` nonzero (``scales``) only at ``indices``."""
 
@@ -256,6 +261,11 @@ class DiagonalSample:
 
     def compress(self, array, axis: int):
         """The kept slices along ``axis``, each multiplied by its scale ``1/p_i``."""
+        if array.size >= _FUSED_GATHER_SIZE:
+            # One pass (gather and scale fused) beats take-then-scale on large arrays.
+            from .kernels.gather import gather_scaled
+
+            return gather_scaled(array, self.indices, self.scales, axis=axis)
         xp = array_module(array)
         indices, scales = self._index_and_scale(array, axis)
         compact = xp.take(array, indices, axis=axis)
