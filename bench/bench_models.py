@@ -84,16 +84,16 @@ def _rbprop_trainer(name: str):
     return model, optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
 
-def rbprop_step(model, optimizer, x, y, policy, seed) -> dict:
-    """One training step; seconds of each part."""
+def timed_step(optimizer, compute_loss) -> dict:
+    """One training step of either engine (same optimizer interface); seconds of each part.
+
+    The optimizer part is ``zero_grad`` plus ``step``; the forward part computes
+    the loss, the backward part runs ``loss.backward()``.
+    """
     start = time.perf_counter()
     optimizer.zero_grad()
     forward_start = time.perf_counter()
-    if policy is None:
-        loss = F.cross_entropy(model(x), y)
-    else:
-        with rb.sampled(policy, seed=seed):
-            loss = F.cross_entropy(model(x), y)
+    loss = compute_loss()
     backward_start = time.perf_counter()
     loss.backward()
     update_start = time.perf_counter()
@@ -105,6 +105,18 @@ def rbprop_step(model, optimizer, x, y, policy, seed) -> dict:
         "optimizer": (forward_start - start) + (end - update_start),
         "step": end - start,
     }
+
+
+def rbprop_step(model, optimizer, x, y, policy, seed) -> dict:
+    """One rbprop training step (sampled inside ``policy`` when given); seconds of each part."""
+
+    def compute_loss():
+        if policy is None:
+            return F.cross_entropy(model(x), y)
+        with rb.sampled(policy, seed=seed):
+            return F.cross_entropy(model(x), y)
+
+    return timed_step(optimizer, compute_loss)
 
 
 def time_rbprop(name, sketch_spec, images, labels, steps, warmup, placement=None) -> dict:
@@ -219,21 +231,7 @@ def torch_step(model, optimizer, x, y) -> dict:
     """One PyTorch training step; seconds of each part."""
     import torch
 
-    start = time.perf_counter()
-    optimizer.zero_grad()
-    forward_start = time.perf_counter()
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    backward_start = time.perf_counter()
-    loss.backward()
-    update_start = time.perf_counter()
-    optimizer.step()
-    end = time.perf_counter()
-    return {
-        "forward": backward_start - forward_start,
-        "backward": update_start - backward_start,
-        "optimizer": (forward_start - start) + (end - update_start),
-        "step": end - start,
-    }
+    return timed_step(optimizer, lambda: torch.nn.functional.cross_entropy(model(x), y))
 
 
 def time_torch(name, images, labels, steps, warmup, threads) -> dict:
