@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from . import cost
+
 _state = threading.local()
 
 
@@ -81,12 +83,16 @@ def run_backward(root, cotangent, retain_graph: bool) -> None:
         return
 
     pending = {root_op: cotangent}
+    order = topological_order(root_op)
+    sampling = any(op.sketch is not None for op in order)
     with no_grad():
-        for op in topological_order(root_op):
+        for op in order:
             op_cotangent = pending.pop(op, None)
             if op_cotangent is None:
                 # Every consumer returned a zero (None) gradient for this op's
                 # output: nothing flows back through it, but it is still freed.
+                if sampling:  # a sketch kept no row: the exact pass would have paid
+                    cost.record_vjp(op.name, 0, op.vjp_flops(), sampled=op.sketch is not None)
                 if not retain_graph:
                     op.release()
                 continue

@@ -257,3 +257,28 @@ def test_linear_skips_input_gradient_rows_that_the_layer_below_never_reads():
     with rbprop.sampled({"linear": Bernoulli(0.5, placement="weight")}, seed=9):
         hidden = F.relu(F.linear(x, w0))
     assert hidden.op.rows_read() is None
+
+
+def test_ops_no_gradient_reaches_still_count_their_exact_flops():
+    from rbprop.cost import CostMeter
+
+    rng = np.random.default_rng(10)
+    x = rbprop.tensor(rng.standard_normal((4, 6)))
+    weights = [
+        rbprop.tensor(rng.standard_normal((5, 6)), requires_grad=True),
+        rbprop.tensor(rng.standard_normal((3, 5)), requires_grad=True),
+    ]
+
+    def backward(policy):
+        with CostMeter() as meter:
+            with rbprop.sampled(policy, seed=0):
+                output = F.linear(F.relu(F.linear(x, weights[0])), weights[1])
+            top_kept = output.op.sample.kept if policy else None
+            output.sum().backward()
+        return meter, top_kept
+
+    exact, _ = backward(None)
+    sampled, top_kept = backward({"linear": Bernoulli(0.01)})
+    assert top_kept == 0  # nothing flows below the top layer
+    assert sampled.backward_flops == 0
+    assert sampled.exact_backward_flops == exact.backward_flops
