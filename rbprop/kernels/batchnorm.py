@@ -20,8 +20,17 @@ in float64, then added up), the normalisation and ``dx`` per ``(n, c)`` plane.
 The backward recomputes ``x_hat`` from ``x``, so nothing of the input's size is
 kept besides ``x`` itself. On a (128, 64, 10, 10) float32 batch, forward plus
 backward took 2.0 ms against 13 ms for the numpy expressions they replaced
-(one thread). Each function dispatches to numba for float32/float64 numpy
-arrays and to its ``*_reference`` numpy twin otherwise.
+(one thread).
+
+Channel-major arrays, whose memory is laid out as (C, N, S) (convolutions
+return them: see :mod:`rbprop.ops.conv`), take kernels over the (C, N*S)
+matrix of channel rows instead, one channel per task, each pass after the
+first reading the channel's rows from cache; their results keep the layout
+(``dx`` follows ``x``). On a (128, 128, 81) float32 batch they took 0.31 ms
+for the statistics and 0.65 ms for the backward, against 0.45 and 1.05 ms for
+the (N, C, S) kernels (one thread; the normalisation takes 0.39 ms in both).
+Each function dispatches to numba for float32/float64 numpy arrays and to its
+``*_reference`` numpy twin otherwise.
 """
 
 from __future__ import annotations
@@ -130,6 +139,90 @@ def _scaled_grad_numba(cotangent, gain, dx):
             dx[n, c, s] = channel_gain * cotangent[n, c, s]
 
 
+# Channel-major arrays (memory laid out as (C, N, S), as convolutions leave their
+# output: see rbprop.ops.conv) are seen as the (C, M) matrix of their channels,
+# M = N * S, each channel one contiguous row. One task per channel then does
+# every pass over its row back to back, the later passes reading it from cache
+# (a row of 128 * 81 float32 values is 41 KB): the statistics take two passes
+# and the backward's sums and dx two, against one sweep of the whole array per
+# pass in the (N, C, S) kernels above.
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
+def _row_statistics_numba(rows, mean, variance):
+    channels, count = rows.shape
+    for c in numba.prange(channels):
+        total = 0.0
+        for m in range(count):
+            total += rows[c, m]
+        channel_mean = total / count
+        squares = 0.0
+        for m in range(count):
+            centred = rows[c, m] - channel_mean
+            squares += centred * centred
+        mean[c] = channel_mean
+        variance[c] = squares / count
+
+
+@numba.njit(cache=True, parallel=True)
+def _row_normalize_numba(rows, mean, scale, bias, y):
+    # y = (x - mean_c) * scale_c + bias_c, one channel row per task.
+    channels, count = rows.shape
+    for c in numba.prange(channels):
+        channel_mean, channel_scale, channel_bias = mean[c], scale[c], bias[c]
+        for m in range(count):
+            y[c, m] = (rows[c, m] - channel_mean) * channel_scale + channel_bias
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
+def _row_gradient_sums_numba(cotangent, rows, mean, rstd, sum_v, sum_v_x_hat):
+    channels, count = rows.shape
+    for c in numba.prange(channels):
+        channel_mean, channel_rstd = mean[c], rstd[c]
+        total = 0.0
+        total_x_hat = 0.0
+        for m in range(count):
+            value = cotangent[c, m]
+            total += value
+            total_x_hat += value * ((rows[c, m] - channel_mean) * channel_rstd)
+        sum_v[c] = total
+        sum_v_x_hat[c] = total_x_hat
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
+def _row_centred_grad_numba(cotangent, rows, mean, rstd, gain, sum_v, sum_v_x_hat, means, dx):
+    # Both sums of a channel, then its dx while its rows are in cache:
+    # dx = gain_c (v - mean(v)_c - x_hat mean(v x_hat)_c), gain_c = weight_c rstd_c.
+    channels, count = rows.shape
+    for c in numba.prange(channels):
+        channel_mean, channel_rstd, channel_gain = mean[c], rstd[c], gain[c]
+        total = 0.0
+        total_x_hat = 0.0
+        for m in range(count):
+            value = cotangent[c, m]
+            total += value
+            total_x_hat += value * ((rows[c, m] - channel_mean) * channel_rstd)
+        sum_v[c] = total
+        sum_v_x_hat[c] = total_x_hat
+        # Stored in `means`, of the arrays' dtype, the two means round to that dtype
+        # (as the (N, C, S) kernel takes them) and keep the loop below in it.
+        means[0, c] = total / count
+        means[1, c] = total_x_hat / count
+        shift, slope = means[0, c], means[1, c]
+        for m in range(count):
+            x_hat = (rows[c, m] - channel_mean) * channel_rstd
+            dx[c, m] = channel_gain * (cotangent[c, m] - shift - x_hat * slope)
+
+
+@numba.njit(cache=True, parallel=True)
+def _row_scaled_grad_numba(cotangent, gain, dx):
+    channels, count = cotangent.shape
+    for c in numba.prange(channels):
+        channel_gain = gain[c]
+        for m in range(count):
+            dx[c, m] = channel_gain * cotangent[c, m]
+
+
 # ----------------------------------------------------------------------------- checks
 
 
@@ -212,6 +305,28 @@ def _blocks(batch):
     return max(1, min(batch, 4 * numba.get_num_threads()))
 
 
+def _channel_rows(array):
+    """The (C, N*S) matrix of a channel-major (N, C, S) array (a view), else None."""
+    moved = array.transpose(1, 0, 2)
+    if array.size == 0 or not moved.flags.c_contiguous:
+        return None
+    return moved.reshape(array.shape[1], -1)
+
+
+def _as_channel_rows(array):
+    """:func:`_channel_rows`, copying ``array`` into that layout when it is not in it."""
+    rows = _channel_rows(array)
+    if rows is None:
+        rows = np.ascontiguousarray(array.transpose(1, 0, 2)).reshape(array.shape[1], -1)
+    return rows
+
+
+def _from_channel_rows(rows, shape):
+    """The (N, C, S) view of the channel rows ``rows`` (C, N*S): channel-major."""
+    batch, channels, size = shape
+    return rows.reshape(channels, batch, size).transpose(1, 0, 2)
+
+
 def batch_norm_statistics(x):
     """``(mean, var)`` per channel of ``x`` (N, C, S), biased, both float64 of shape (C,)."""
     if not use_numba(x):
@@ -221,6 +336,11 @@ def batch_norm_statistics(x):
     if count == 0:
         nothing = np.full(x.shape[1], np.nan)  # as numpy's mean of nothing
         return nothing, nothing.copy()
+    rows = _channel_rows(x)
+    if rows is not None:
+        mean, variance = np.empty(x.shape[1]), np.empty(x.shape[1])
+        launch(_row_statistics_numba, x.size, rows, mean, variance)
+        return mean, variance
     x = np.ascontiguousarray(x)
     blocks = _blocks(x.shape[0])
     partial_sums = np.zeros((blocks, x.shape[1]))
@@ -232,13 +352,21 @@ def batch_norm_statistics(x):
 
 
 def batch_norm_normalize(x, mean, rstd, weight=None, bias=None):
-    """``(x - mean_c) * rstd_c * weight_c + bias_c`` over ``x`` (N, C, S), in ``x``'s dtype."""
+    """``(x - mean_c) * rstd_c * weight_c + bias_c`` over ``x`` (N, C, S), in ``x``'s dtype.
+
+    The result has ``x``'s layout when ``x`` is channel-major, else it is C-contiguous.
+    """
     parameters = [p for p in (weight, bias) if p is not None]
     if not use_numba(x, mean, rstd, *parameters):
         return batch_norm_normalize_reference(x, mean, rstd, weight, bias)
     _check("batch_norm_normalize", x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     scale = rstd if weight is None else rstd * weight
     bias = np.zeros_like(mean) if bias is None else bias
+    rows = _channel_rows(x)
+    if rows is not None:
+        y_rows = np.empty_like(rows)
+        launch(_row_normalize_numba, x.size, rows, mean, scale, bias, y_rows)
+        return _from_channel_rows(y_rows, x.shape)
     y = np.empty(x.shape, dtype=x.dtype)
     launch(_normalize_numba, x.size, np.ascontiguousarray(x), mean, scale, bias, y)
     return y
@@ -251,7 +379,8 @@ def batch_norm_backward(cotangent, x, mean, rstd, weight=None, centring=True, in
     statistics that ``mean`` and ``rstd`` came from; ``False`` treats them as
     constants (eval mode). ``x`` and ``mean`` may be None in eval mode when only
     ``dx`` is wanted; ``dweight`` and ``dbias`` are then None. ``dx`` is None
-    when ``input_grad`` is False.
+    when ``input_grad`` is False. ``dx`` is channel-major when ``x`` is (or, without
+    ``x``, the cotangent), else C-contiguous.
     """
     arrays = [a for a in (cotangent, x, mean, rstd, weight) if a is not None]
     if not use_numba(*arrays):
@@ -259,8 +388,12 @@ def batch_norm_backward(cotangent, x, mean, rstd, weight=None, centring=True, in
             cotangent, x, mean, rstd, weight, centring, input_grad
         )
     _check_backward(cotangent, x, mean, rstd, weight, centring)
-    cotangent = np.ascontiguousarray(cotangent)
     gain = rstd if weight is None else rstd * weight
+    layout_of = cotangent if x is None else x
+    if _channel_rows(layout_of) is not None:
+        return _channel_major_backward(cotangent, x, mean, rstd, gain, centring, input_grad)
+
+    cotangent = np.ascontiguousarray(cotangent)
     dx = np.empty(cotangent.shape, dtype=cotangent.dtype) if input_grad else None
     if x is None:
         if input_grad:
@@ -282,4 +415,28 @@ def batch_norm_backward(cotangent, x, mean, rstd, weight=None, centring=True, in
         launch(_centred_grad_numba, dx.size, cotangent, x, *statistics, dx)
     elif input_grad:
         launch(_scaled_grad_numba, dx.size, cotangent, gain, dx)
+    return dx, sum_v_x_hat.astype(x.dtype), sum_v.astype(x.dtype)
+
+
+def _channel_major_backward(cotangent, x, mean, rstd, gain, centring, input_grad):
+    """:func:`batch_norm_backward` on channel rows, for channel-major (non-empty) arrays."""
+    shape, channels = cotangent.shape, cotangent.shape[1]
+    v_rows = _as_channel_rows(cotangent)
+    dx_rows = np.empty_like(v_rows) if input_grad else None
+    dx = None if dx_rows is None else _from_channel_rows(dx_rows, shape)
+    if x is None:
+        if input_grad:
+            launch(_row_scaled_grad_numba, v_rows.size, v_rows, gain, dx_rows)
+        return dx, None, None
+
+    x_rows = _channel_rows(x)
+    sum_v, sum_v_x_hat = np.empty(channels), np.empty(channels)
+    if input_grad and centring:
+        means = np.empty((2, channels), dtype=x.dtype)
+        statistics = (mean, rstd, gain, sum_v, sum_v_x_hat, means)
+        launch(_row_centred_grad_numba, x.size, v_rows, x_rows, *statistics, dx_rows)
+    else:
+        launch(_row_gradient_sums_numba, x.size, v_rows, x_rows, mean, rstd, sum_v, sum_v_x_hat)
+        if input_grad:
+            launch(_row_scaled_grad_numba, v_rows.size, v_rows, gain, dx_rows)
     return dx, sum_v_x_hat.astype(x.dtype), sum_v.astype(x.dtype)

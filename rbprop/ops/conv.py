@@ -8,6 +8,10 @@ and ``V`` the cotangent laid out as ``(N*OH*OW, O)``::
 
     Y = cols Wm^T,      dW = V^T cols,      dX = col2im(V Wm).
 
+The product is taken as ``Y^T = Wm cols^T``, whose memory is the output laid
+out channel-major: an (N, O, OH, OW) array with (O, N, OH, OW) strides, which
+the ops after it keep (see :class:`Conv2d`, "Layout").
+
 :func:`col2im` is the adjoint of :func:`im2col`: it adds each row back into
 the window it was read from. Both, and their kept-rows variants, are the
 compiled kernels of :mod:`rbprop.kernels.conv` (numpy twins on cupy); so are
@@ -61,6 +65,29 @@ def sliding_windows(padded, kh, kw, stride):
         shape=(batch, channels, out_h, out_w, kh, kw),
         strides=(step_n, step_c, step_h * stride_h, step_w * stride_w, step_h, step_w),
     )
+
+
+def channel_major(images):
+    """``images`` (N, C, H, W) laid out channel-major: ``(C, N, H, W)`` in memory order.
+
+    The array itself when it is laid out so already (a transposed view of a
+    C-contiguous (C, N, H, W) array), otherwise a transposed copy.
+    """
+    xp = array_module(images)
+    return xp.ascontiguousarray(images.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+
+
+def channel_rows(images):
+    """``images`` (N, C, H, W) as the (C, N*H*W) matrix of its channels (no copy when
+    channel-major; see :func:`channel_major`)."""
+    xp = array_module(images)
+    channels = images.shape[1]
+    return xp.ascontiguousarray(images.transpose(1, 0, 2, 3)).reshape(channels, -1)
+
+
+def is_channel_major(images) -> bool:
+    """Whether ``images`` (N, C, H, W) is laid out channel-major (see :func:`channel_major`)."""
+    return images.transpose(1, 0, 2, 3).flags.c_contiguous
 
 
 def im2col(x, kh, kw, stride, padding, rows=None):
@@ -143,12 +170,21 @@ class Conv2d(Primitive):
     The exact VJP saves whichever of ``x`` and ``cols`` is smaller and lowers
     ``x`` again in backward when it kept ``x``.
 
-    A pointwise convolution (1x1 kernel, stride 1, no padding) skips the
-    lowering: image ``n`` seen as the (C, H*W) matrix ``X_n`` gives
-    ``Y_n = Wm X_n``, ``dX_n = Wm^T V_n`` and ``dW = sum_n V_n X_n^T``, batched
-    matrix products on the NCHW arrays as they are, without the transposed
-    copies that ``cols`` and ``V`` would need (its sampled VJPs take the general
-    path).
+    Layout. The output is channel-major: an (N, O, OH, OW) array whose memory is
+    laid out as (O, N, OH, OW), i.e. the C-contiguous matrix ``Y^T = Wm cols^T``
+    (O x N*OH*OW) seen through a transposed view. A product that gives ``Y``
+    itself (rows ``(n, oh, ow)``) would need a transposed copy to reach NCHW,
+    and the elementwise and batch-norm ops after a convolution keep their
+    input's layout, so the cotangent that comes back is channel-major too and
+    ``V^T`` is its memory: ``dW = V^T cols`` and ``dX = col2im((V^T)^T Wm)`` are
+    single products. A pointwise convolution (1x1 kernel, stride 1, no padding)
+    skips the lowering: ``Y^T = Wm X^T`` with ``X^T`` (C x N*H*W) the
+    channel-major input (copied into that layout when it comes otherwise),
+    ``dX^T = Wm^T V^T`` and ``dW = V^T X``. For 128 images of 128 channels x 81
+    positions, one OpenBLAS product over all images took 1.5 ms against 2.2 ms
+    for a product per image (two threads; 2.7 against 3.4 ms on one), ``dW``
+    2.0 against 3.6 ms, and a transposed copy of the array 0.5 ms; the exact
+    BagNet step went from 1.4x PyTorch's time to 1.0x.
 
     Importance weights: rows, ``a_i = ||v_i|| sqrt(||cols_i||^2 + ||Wm||_F^2 / O)``;
     channels, ``a_j = ||V_j|| sqrt(||Wm_j||^2 + ||cols||_F^2 / O)`` (each term
@@ -167,27 +203,26 @@ class Conv2d(Primitive):
         out_h = output_size(height, kh, stride[0], padding[0])
         out_w = output_size(width, kw, stride[1], padding[1])
 
-        xp = array_module(x)
+        # Y^T = Wm cols^T (O x N*OH*OW): the output comes out channel-major, with no
+        # transposed copy (see the class docstring).
+        weight_matrix = weight.reshape(out_channels, -1)
         if self._pointwise():
             cols = None
-            planes = x.reshape(batch, x.shape[1], height * width)
-            output = xp.matmul(weight.reshape(out_channels, -1), planes)  # Y_n = Wm X_n
-            if bias is not None:
-                output += bias[:, None]
-            output = output.reshape(batch, out_channels, out_h, out_w)
+            x = channel_major(x)  # the matrix X^T (C x N*H*W) is this array's memory
+            output = weight_matrix @ channel_rows(x)
         else:
             cols = im2col(x, kh, kw, stride, padding)
-            output = cols @ weight.reshape(out_channels, -1).T
-            if bias is not None:
-                output += bias
-            output = output.reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
+            output = weight_matrix @ cols.T
+        if bias is not None:
+            output += bias[:, None]
+        output = output.reshape(out_channels, batch, out_h, out_w).transpose(1, 0, 2, 3)
 
         self.placement = self.placement or self.default_placement
         if self.placement not in ROW_PLACEMENTS + ("cotangent",):
             raise ValueError(f"conv2d: unknown placement {self.placement!r}")
         if self.recording:
             self._save_for_backward(x, cols, weight, batch * out_h * out_w)
-        return xp.ascontiguousarray(output)
+        return output
 
     def _check(self, x, weight, bias):
         _check_images("conv2d", x)
@@ -230,6 +265,17 @@ class Conv2d(Primitive):
         """The rows of ``cols`` that ``sample`` keeps (all of them without one)."""
         if cols is not None:
             return cols if sample is None else sample.project(cols, axis=0)
+        return self._lower(x, sample)
+
+    def _lower(self, x, sample):
+        """``cols`` of ``x``, or its rows kept by ``sample`` (``Q^T cols`` for a projection)."""
+        if self._pointwise():
+            # cols = X: the transpose of the (C, N*H*W) matrix of channel rows, whose
+            # columns are gathered (or projected) along its contiguous rows.
+            channel_matrix = channel_rows(x)
+            if sample is None:
+                return channel_matrix.T
+            return sample.project(channel_matrix, axis=1).T
         kh, kw, stride, padding = self._geometry()
         if sample is not None and sample.is_diagonal:
             return im2col(x, kh, kw, stride, padding, rows=sample.indices)
@@ -263,16 +309,11 @@ class Conv2d(Primitive):
 
     def _lowered(self, sample=None):
         """``cols``, or its rows kept by ``sample`` (``Q^T cols`` for a projection)."""
-        kh, kw, stride, padding = self._geometry()
         if self.cols is not None:
             if sample is None or sample is self.sample:
                 return self.cols
             return sample.project(self.cols, axis=0)
-        if sample is None:
-            return im2col(self.image, kh, kw, stride, padding)
-        if sample.is_diagonal:
-            return im2col(self.image, kh, kw, stride, padding, rows=sample.indices)
-        return sample.project(im2col(self.image, kh, kw, stride, padding), axis=0)
+        return self._lower(self.image, sample)
 
     def _input_grad(self, cols_grad, rows=None):
         kh, kw, stride, padding = self._geometry()
@@ -291,56 +332,31 @@ class Conv2d(Primitive):
     # -- exact -------------------------------------------------------------------
 
     def vjp(self, cotangent):
-        if self._pointwise() and self.cols is None:
-            return self._pointwise_vjp(cotangent)
-        # The rows of V for image n are the columns of its (O, OH*OW) cotangent plane
-        # V_n, so products with V run per image on the planes, without transposing V.
-        xp = array_module(cotangent)
-        batch, out_channels = cotangent.shape[:2]
-        v_planes = cotangent.reshape(batch, out_channels, -1)  # V_n: O x OH*OW
-        rows, patch, _ = self._shapes()
+        # V^T (O x N*OH*OW) is the cotangent's own memory when it is channel-major, as
+        # the convolution's output and the ops after it leave it: each gradient is then
+        # one large product, with no transposed copy (see the class docstring).
+        v_transposed = channel_rows(cotangent)
         grad_x = grad_weight = grad_bias = None
         if self.needs_input_grad[0]:
-            grad_x = self._exact_input_grad(cotangent)
+            grad_x = self._exact_input_grad(v_transposed)
         if self.needs_input_grad[1]:
-            lowered = self._lowered()  # dW = V^T cols
-            if patch <= v_planes.shape[2]:
-                # = sum_n V_n cols_n: the per-image products (O x C*kh*kw each) are no
-                # larger than V, so they cost less than V's transposed copy.
-                cols_planes = lowered.reshape(batch, -1, patch)
-                grad_weight = xp.matmul(v_planes, cols_planes).sum(axis=0)
+            if self.cols is None and self._pointwise():
+                grad_weight = v_transposed @ channel_rows(self.image).T  # dW = V^T X
             else:
-                grad_weight = self._cotangent_rows(cotangent).T @ lowered
+                grad_weight = v_transposed @ self._lowered()  # dW = V^T cols
         if self._needs_bias_grad():
-            grad_bias = v_planes.sum(axis=(0, 2))
+            grad_bias = v_transposed.sum(axis=1)
         return self._result(grad_x, grad_weight, grad_bias)
 
-    def _exact_input_grad(self, cotangent):
-        """``dX = col2im(V Wm)``, image n's rows of ``V Wm`` being ``V_n^T Wm``."""
-        xp = array_module(cotangent)
-        batch, out_channels = cotangent.shape[:2]
-        v_planes = cotangent.reshape(batch, out_channels, -1)
+    def _exact_input_grad(self, v_transposed):
+        """``dX = col2im(V Wm)`` from ``V^T`` (O x N*OH*OW)."""
+        weight_matrix = self._weight_matrix()
         if self._pointwise():
-            return xp.matmul(self._weight_matrix().T, v_planes).reshape(self.input_shapes[0])
-        rows, patch, _ = self._shapes()
-        cols_grad = xp.matmul(v_planes.transpose(0, 2, 1), self._weight_matrix())
-        return self._input_grad(cols_grad.reshape(rows, patch))
-
-    def _pointwise_vjp(self, cotangent):
-        xp = array_module(cotangent)
-        batch, out_channels = cotangent.shape[:2]
-        v_planes = cotangent.reshape(batch, out_channels, -1)  # V_n: O x H*W
-        grad_x = grad_weight = grad_bias = None
-        if self.needs_input_grad[0]:
-            # dX_n = Wm^T V_n
-            grad_x = xp.matmul(self._weight_matrix().T, v_planes).reshape(self.input_shapes[0])
-        if self.needs_input_grad[1]:
-            # dW = sum_n V_n X_n^T: one small product per image, then their sum.
-            x_planes = self.image.reshape(batch, self.image.shape[1], -1)
-            grad_weight = xp.matmul(v_planes, x_planes.transpose(0, 2, 1)).sum(axis=0)
-        if self._needs_bias_grad():
-            grad_bias = v_planes.sum(axis=(0, 2))
-        return self._result(grad_x, grad_weight, grad_bias)
+            # dX^T = Wm^T V^T (C x N*H*W): channel-major, as the forward output.
+            batch, channels, height, width = self.input_shapes[0]
+            grad = weight_matrix.T @ v_transposed
+            return grad.reshape(channels, batch, height, width).transpose(1, 0, 2, 3)
+        return self._input_grad(v_transposed.T @ weight_matrix)
 
     def vjp_flops(self):
         rows, patch, out_channels = self._shapes()
@@ -399,12 +415,26 @@ class Conv2d(Primitive):
         if not sample.is_diagonal:
             return sample.compress(self._cotangent_rows(cotangent), axis=0)
         xp = array_module(cotangent)
+        if is_channel_major(cotangent):
+            # V^T is the cotangent's memory: gather its kept columns along its rows.
+            return sample.compress(channel_rows(cotangent), axis=1).T
         batch, out_channels, out_h, out_w = cotangent.shape
         image, position = np.divmod(sample.indices, out_h * out_w)
         planes = cotangent.reshape(batch, out_channels, out_h * out_w)
         # Advanced indices around a slice put the kept axis first: (k, O).
         kept_rows = planes[xp.asarray(image), :, xp.asarray(position)]
         return kept_rows * xp.asarray(sample.scales, dtype=cotangent.dtype)[:, None]
+
+    def _pointwise_kept_input_grad(self, compact, indices):
+        """``dX`` of a pointwise convolution from the kept rows ``S V`` (k x O), channel-major.
+
+        ``dX^T = Wm^T (S V)^T`` has its k kept columns (the positions ``indices``,
+        distinct) nonzero: they are computed, and scattered along the channel rows.
+        """
+        batch, channels, height, width = self.input_shapes[0]
+        kept_columns = self._weight_matrix().T @ compact.T  # C x k
+        grad = conv_kernels.scatter_columns(kept_columns, indices, batch * height * width)
+        return grad.reshape(channels, batch, height, width).transpose(1, 0, 2, 3)
 
     def _contracted_vjp(self, cotangent):
         rows, patch, out_channels = self._shapes()
@@ -416,15 +446,18 @@ class Conv2d(Primitive):
         grad_x = grad_weight = grad_bias = None
         flops = 0
         if self.needs_input_grad[0] and self.placement == "weight":
-            grad_x = self._exact_input_grad(cotangent)
+            grad_x = self._exact_input_grad(channel_rows(cotangent))
             flops += 2 * rows * out_channels * patch
         elif self.needs_input_grad[0]:
             # dX = col2im(S V Wm): the GEMM runs on the k kept rows, and col2im_rows
             # adds just those rows back (the zero rows of S V Wm are never formed).
-            partial = compact @ self._weight_matrix()
-            if sample.is_diagonal:
+            if sample.is_diagonal and self._pointwise():
+                grad_x = self._pointwise_kept_input_grad(compact, sample.indices)
+            elif sample.is_diagonal:
+                partial = compact @ self._weight_matrix()
                 grad_x = self._input_grad(partial, rows=sample.indices)
             else:
+                partial = compact @ self._weight_matrix()
                 grad_x = self._input_grad(sample.expand(partial, axis=0))
             flops += 2 * kept * out_channels * patch
         if self.needs_input_grad[1]:

@@ -14,6 +14,8 @@ import math
 from ..backend import array_module
 from ..kernels.gelu import gelu as fused_gelu
 from ..kernels.gelu import gelu_backward as fused_gelu_backward
+from ..kernels.relu import relu as fused_relu
+from ..kernels.relu import relu_backward as fused_relu_backward
 from ..primitive import Primitive, broadcast_shapes, sum_to
 from ..tensor import Tensor, as_tensor, record
 
@@ -285,9 +287,9 @@ class Relu(Elementwise):
     saves_inputs = False
 
     def compute(self, x):
-        mask = x > 0
+        output, mask = fused_relu(x)  # one pass; -inf gives 0 as numpy's maximum does
         self.save(mask=mask)
-        return x * mask
+        return output
 
     def forward(self, x):
         output = self.compute(x)
@@ -295,7 +297,7 @@ class Relu(Elementwise):
         return output
 
     def chain(self, v, mask, out):
-        return (v * mask,)
+        return (fused_relu_backward(v, mask),)
 
 
 class Gelu(Elementwise):
