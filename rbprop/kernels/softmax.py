@@ -10,6 +10,12 @@ Backward (VJP with cotangent ``v``), written in terms of the forward output:
     softmax:      dx_j = y_j (v_j - sum_l v_l y_l)
     log_softmax:  dx_j = v_j - exp(y_j) sum_l v_l
 
+``softmax`` and ``softmax_backward`` also take a ``scale`` ``s`` (the forward,
+for ``s > 0``, is then ``softmax(s x)``, formed as ``exp(s (x_j - m))``; the
+backward multiplies ``dx`` by ``s``) and an ``out`` array, which may be the
+input itself: attention scales its scores and overwrites them this way,
+without a full-size temporary for either step.
+
 numpy needs a temporary array per step (max, shift, exp, sum, divide); here
 the numba kernels work row by row, in parallel over rows, into one output
 buffer, and sum in float64 (the exponentials themselves go through numpy's
@@ -45,7 +51,7 @@ _REASSOCIATE = {"reassoc", "nsz", "arcp"}
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _shift_by_row_max_numba(x, out, row_max):
-    """``out = x - max_j x``, row by row, keeping the maxima."""
+    """``out = x - max_j x``, row by row, keeping the maxima (``out`` may be ``x``)."""
     rows, length = x.shape
     for r in numba.prange(rows):
         largest = x[r, 0]
@@ -54,6 +60,18 @@ def _shift_by_row_max_numba(x, out, row_max):
         row_max[r] = largest
         for j in range(length):
             out[r, j] = x[r, j] - largest
+
+
+@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
+def _scaled_shift_by_row_max_numba(x, scale, out):
+    """``out = s (x - max_j x)`` for ``s > 0``, row by row (``out`` may be ``x``)."""
+    rows, length = x.shape
+    for r in numba.prange(rows):
+        largest = x[r, 0]
+        for j in range(1, length):
+            largest = max(largest, x[r, j])
+        for j in range(length):
+            out[r, j] = (x[r, j] - largest) * scale
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
@@ -93,14 +111,15 @@ def _log_normalize_rows_numba(x, row_max, exps):
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
-def _softmax_backward_numba(probabilities, cotangent, out):
+def _softmax_backward_numba(probabilities, cotangent, scale, out):
+    """``out = s y (v - sum_j v_j y_j)``, row by row (``out`` may be ``v``: read first)."""
     rows, length = probabilities.shape
     for r in numba.prange(rows):
         dot = 0.0
         for j in range(length):
             dot += cotangent[r, j] * probabilities[r, j]
         for j in range(length):
-            out[r, j] = probabilities[r, j] * (cotangent[r, j] - dot)
+            out[r, j] = probabilities[r, j] * (cotangent[r, j] - dot) * scale
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
@@ -129,14 +148,18 @@ def _check(name, *arrays):
             )
 
 
-def softmax_reference(x):
+def softmax_reference(x, scale=1.0, out=None):
     """numpy twin of :func:`softmax`."""
     _check("softmax", x)
+    scale = _positive_scale(scale)
     xp = array_module(x)
     if x.size == 0:
-        return xp.empty_like(x)
-    shifted_exp = xp.exp(x - x.max(axis=-1, keepdims=True))
-    return shifted_exp / shifted_exp.sum(axis=-1, keepdims=True)
+        return _written(xp.empty_like(x), out, "softmax")
+    shifted = x - x.max(axis=-1, keepdims=True)
+    if scale != 1.0:
+        shifted = shifted * x.dtype.type(scale)
+    shifted_exp = xp.exp(shifted)
+    return _written(shifted_exp / shifted_exp.sum(axis=-1, keepdims=True), out, "softmax")
 
 
 def log_softmax_reference(x):
@@ -149,11 +172,14 @@ def log_softmax_reference(x):
     return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def softmax_backward_reference(probabilities, cotangent):
+def softmax_backward_reference(probabilities, cotangent, scale=1.0, out=None):
     """numpy twin of :func:`softmax_backward`."""
     _check("softmax_backward", probabilities, cotangent)
     dot = (cotangent * probabilities).sum(axis=-1, keepdims=True)
-    return probabilities * (cotangent - dot)
+    grad = probabilities * (cotangent - dot)
+    if scale != 1.0:
+        grad = grad * probabilities.dtype.type(scale)
+    return _written(grad, out, "softmax_backward")
 
 
 def log_softmax_backward_reference(log_probabilities, cotangent):
@@ -171,6 +197,40 @@ def _rows(array):
     return np.ascontiguousarray(array).reshape(-1, array.shape[-1])
 
 
+def _positive_scale(scale) -> float:
+    scale = float(scale)
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"softmax: scale must be positive and finite, got {scale}")
+    return scale
+
+
+def _check_out(name, out, like):
+    """An error naming the kernel when ``out`` cannot hold the result (shaped like ``like``)."""
+    if out is None:
+        return
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ShapeError(
+            f"{name}: out of shape {out.shape} and dtype {out.dtype} for a result of shape "
+            f"{like.shape} and dtype {like.dtype}"
+        )
+
+
+def _written(result, out, name):
+    """``result``, copied into ``out`` when one is given (the twins' ``out``)."""
+    if out is None:
+        return result
+    _check_out(name, out, result)
+    out[...] = result
+    return out
+
+
+def _output_rows(out, like):
+    """Rows to write the result into: ``out``'s own memory when it is C-contiguous."""
+    if out is not None and out.flags.c_contiguous:
+        return out.reshape(-1, like.shape[-1])
+    return np.empty((like.size // like.shape[-1], like.shape[-1]), dtype=like.dtype)
+
+
 def _shifted_exp(x):
     """``(exp(x - m), x rows, m)`` with ``m`` the row maxima: the forward's first two steps."""
     rows = _rows(x)
@@ -181,16 +241,36 @@ def _shifted_exp(x):
     return exps, rows, row_max
 
 
-def softmax(x):
-    """``exp(x - m) / sum exp(x - m)`` over the last axis."""
-    if not use_numba(x):
-        return softmax_reference(x)
+def softmax(x, scale=1.0, out=None):
+    """``exp(s (x - m)) / sum exp(s (x - m))`` over the last axis: ``softmax(s x)``, ``s > 0``.
+
+    ``out`` (shaped and typed like ``x``) receives the result and may be ``x``.
+    """
+    if not use_numba(x) or (out is not None and not use_numba(x, out)):
+        return softmax_reference(x, scale, out)
     _check("softmax", x)
+    _check_out("softmax", out, x)
+    scale = _positive_scale(scale)
     if x.size == 0:
-        return np.empty_like(x)
-    exps, _, _ = _shifted_exp(x)
+        return np.empty_like(x) if out is None else out
+    if scale == 1.0 and out is None:
+        exps, _, _ = _shifted_exp(x)
+    else:
+        exps = _output_rows(out, x)
+        # The scale in x's dtype: a float64 one made the pass twice as slow on float32.
+        launch(_scaled_shift_by_row_max_numba, exps.size, _rows(x), x.dtype.type(scale), exps)
+        np.exp(exps, out=exps)
     launch(_normalize_rows_numba, exps.size, exps)
-    return exps.reshape(x.shape)
+    return _placed(exps, out, x.shape)
+
+
+def _placed(rows, out, shape):
+    """The result rows as an array of ``shape``, in ``out`` when one is given."""
+    if out is None:
+        return rows.reshape(shape)
+    if not out.flags.c_contiguous:  # the rows are a buffer of their own (_output_rows)
+        out[...] = rows.reshape(shape)
+    return out
 
 
 def log_softmax(x):
@@ -205,21 +285,29 @@ def log_softmax(x):
     return exps.reshape(x.shape)
 
 
-def softmax_backward(probabilities, cotangent):
-    """VJP of softmax from its output ``y``: ``y * (v - sum(v * y))`` over the last axis."""
-    if not use_numba(probabilities, cotangent):
-        return softmax_backward_reference(probabilities, cotangent)
+def softmax_backward(probabilities, cotangent, scale=1.0, out=None):
+    """VJP of softmax from its output ``y``: ``s y (v - sum(v y))`` over the last axis.
+
+    ``scale`` ``s`` (any float) is the VJP of ``softmax(s x)`` with respect to
+    ``x``; ``out`` receives the result and may be ``cotangent``.
+    """
+    arrays = (probabilities, cotangent) + (() if out is None else (out,))
+    if not use_numba(*arrays):
+        return softmax_backward_reference(probabilities, cotangent, scale, out)
     _check("softmax_backward", probabilities, cotangent)
-    out = np.empty(probabilities.shape, dtype=probabilities.dtype)
-    if out.size:
-        launch(
-            _softmax_backward_numba,
-            out.size,
-            _rows(probabilities),
-            _rows(cotangent),
-            out.reshape(-1, out.shape[-1]),
-        )
-    return out
+    _check_out("softmax_backward", out, probabilities)
+    if probabilities.size == 0:
+        return np.empty_like(probabilities) if out is None else out
+    rows = _output_rows(out, probabilities)
+    launch(
+        _softmax_backward_numba,
+        rows.size,
+        _rows(probabilities),
+        _rows(cotangent),
+        float(scale),
+        rows,
+    )
+    return _placed(rows, out, probabilities.shape)
 
 
 def log_softmax_backward(log_probabilities, cotangent):

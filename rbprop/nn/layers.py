@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from .. import functional as F
+from ..ops.attention import packed_self_attention
 from .module import Module, Parameter
 
 _generator = np.random.default_rng()
@@ -222,7 +223,9 @@ class MultiheadAttention(Module):
     ``q, k, v`` come from one input projection ``in_proj`` (``E -> 3E``), are
     split into ``num_heads`` heads of ``E / num_heads`` features, go through
     :func:`rbprop.functional.scaled_dot_product_attention`, and the heads are
-    merged by ``out_proj``. Unlike PyTorch's module, ``forward`` returns only the
+    merged by ``out_proj``. Self-attention (no ``key`` or ``value`` given) runs
+    as one :func:`rbprop.ops.attention.packed_self_attention` op on the packed
+    projection. Unlike PyTorch's module, ``forward`` returns only the
     output (no attention weights), and ``key``/``value`` default to ``query``.
     """
 
@@ -252,11 +255,7 @@ class MultiheadAttention(Module):
         return x.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
     def _project(self, query, key, value):
-        if key is None and value is None:
-            batch, tokens, _ = query.shape
-            qkv = self.in_proj(query).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-            qkv = qkv.transpose(2, 0, 3, 1, 4)  # (3, N, heads, T, head_dim)
-            return qkv[0], qkv[1], qkv[2]
+        """Query, key and value heads, each from its third of ``in_proj``."""
         key = query if key is None else key
         value = key if value is None else value
         weight, bias = self.in_proj.weight, self.in_proj.bias
@@ -273,14 +272,20 @@ class MultiheadAttention(Module):
                 f"MultiheadAttention: expected a (batch, tokens, {self.embed_dim}) query, "
                 f"got shape {query.shape}"
             )
+        dropout_p = self.dropout if self.training else 0.0
+        if key is None and value is None:
+            # One op on the packed projection: no head split, transpose or merge copies.
+            merged = packed_self_attention(
+                self.in_proj(query),
+                self.num_heads,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                dropout_p=dropout_p,
+            )
+            return self.out_proj(merged)
         q, k, v = self._project(query, key, value)
         attended = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p
         )
         batch, _, tokens, _ = attended.shape
         merged = attended.transpose(0, 2, 1, 3).reshape(batch, tokens, self.embed_dim)

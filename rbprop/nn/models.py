@@ -182,9 +182,10 @@ class ViT(Module):
         x = concatenate([cls, tokens], axis=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        features = self.norm(x)
         if self.pool == "cls":
-            return self.head(features[:, 0])
+            # Layer norm is per token: normalising the class token alone gives the same
+            # features for the head and skips the other tokens' forward and backward.
+            return self.head(self.norm(x[:, 0]))
         # mean(head(x_t)) = head(mean(x_t)), but per-token logits let a sketch of the
         # head's rows drop tokens rather than whole images
-        return self.head(features).mean(axis=1)
+        return self.head(self.norm(x)).mean(axis=1)

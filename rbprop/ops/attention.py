@@ -14,7 +14,15 @@ The exact VJP, for a cotangent ``dO``::
 
 and ``rowsum(dP * P) = rowsum(dO * O)``, which lets a sampled VJP form ``dS``
 on a subset of the key columns without the others. The softmax and its VJP
-on whole rows are the fused kernels of :mod:`rbprop.kernels.softmax`.
+on whole rows are the fused kernels of :mod:`rbprop.kernels.softmax`; they
+apply ``scale`` themselves and overwrite the scores (and ``dP``) in place, so
+that no full-size (..., L, S) temporary is made for either step.
+
+:class:`PackedSelfAttention` is the same op for multi-head self-attention on
+the output of one ``E -> 3E`` projection: the heads are strided views into the
+packed input, the output is written with the heads side by side, and the VJP
+writes ``dQ``, ``dK`` and ``dV`` into one packed gradient, so no head split,
+transpose or merge copies anything.
 """
 
 from __future__ import annotations
@@ -34,8 +42,15 @@ def _swap(array):
     return array_module(array).swapaxes(array, -1, -2)
 
 
-def _masked_softmax(scores, may_mask_whole_rows: bool):
-    """Softmax over the last axis; a row whose entries are all ``-inf`` gives zeros.
+def _matmul(left, right, out=None):
+    """``left @ right``, written into ``out`` (a strided view is fine) when one is given."""
+    if out is None:
+        return left @ right
+    return array_module(left, right).matmul(left, right, out=out)
+
+
+def _masked_softmax(scores, may_mask_whole_rows: bool, scale: float):
+    """``softmax(scale * scores)`` over the last axis, in place; an all ``-inf`` row gives zeros.
 
     Only a mask can make a whole row ``-inf`` (where softmax is 0 / 0), so the
     rows are checked only when ``may_mask_whole_rows``; such rows are replaced
@@ -45,17 +60,19 @@ def _masked_softmax(scores, may_mask_whole_rows: bool):
         xp = array_module(scores)
         empty = xp.all(scores == -np.inf, axis=-1)
         if bool(empty.any()):
-            probs = softmax(xp.where(empty[..., None], 0, scores))
+            probs = softmax(xp.where(empty[..., None], 0, scores), scale=scale)
             probs[empty] = 0
             return probs
-    return softmax(scores)
+    return softmax(scores, scale=scale, out=scores)
 
 
-def _softmax_vjp(probs, d_probs):
-    """``P * (dP - rowsum(dP * P))``: fused when the two have one shape (no broadcasting)."""
+def _softmax_vjp(probs, d_probs, scale: float):
+    """``scale * P * (dP - rowsum(dP * P))``, fused and in place in ``dP`` when shapes agree."""
     if probs.shape == d_probs.shape:
-        return softmax_backward(probs, d_probs)
-    return probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
+        return softmax_backward(probs, d_probs, scale=scale, out=d_probs)
+    d_scores = probs * (d_probs - (d_probs * probs).sum(axis=-1, keepdims=True))
+    d_scores *= d_scores.dtype.type(scale)
+    return d_scores
 
 
 def _squared_norms_along(array, axis):
@@ -109,27 +126,55 @@ class ScaledDotProductAttention(Primitive):
 
     def forward(self, query, key, value):
         self._check(query, key, value)
-        xp = array_module(query, key, value)
+        output = self._attend(query, key, value)
+        return array_module(output).ascontiguousarray(output)
+
+    def _needs(self) -> tuple:
+        """Whether the query, the key and the value need a gradient."""
+        return self.needs_input_grad
+
+    def _attend(self, query, key, value, out=None):
+        """``O = P_d V`` on (..., tokens, features) arrays, into ``out`` when given; saves."""
         scale = self.params["scale"]
         self.scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-
-        scores = (query @ _swap(key)) * query.dtype.type(self.scale)
-        scores = self._apply_mask(scores)
-        # A causal mask leaves every query row at least its first key.
-        user_mask = self.params["attn_mask"] is not None
-        probs = _masked_softmax(scores, user_mask).astype(query.dtype, copy=False)
-        keep = None
+        length, source = query.shape[-2], key.shape[-2]
+        mask = self._mask(length, source, array_module(query))
         dropout_p = self.params["dropout_p"]
+
+        probs = self._probabilities(query @ _swap(key), mask).astype(query.dtype, copy=False)
+        keep = None
         if dropout_p > 0:
             keep = keep_mask(probs.shape, dropout_p, self.params["generator"], probs)
-        output = self._dropped(probs, keep) @ value
+        output = _matmul(self._dropped(probs, keep), value, out)
 
         self.placement = self.placement or self.default_placement
         if self.placement not in ("contracted", "cotangent"):
             raise ValueError(f"{self.name}: unknown placement {self.placement!r}")
         if self.recording:
             self._save_for_backward(query, key, value, probs, keep, output)
-        return xp.ascontiguousarray(output)
+        return output
+
+    def _mask(self, length, source, xp):
+        """The user's mask, the causal one, or None."""
+        if self.params["is_causal"]:
+            return xp.tril(xp.ones((length, source), dtype=bool))
+        return self.params["attn_mask"]
+
+    def _probabilities(self, scores, mask):
+        """``P = softmax(scale * scores + mask)``, overwriting the fresh array ``scores``.
+
+        The softmax kernel applies a positive scale itself; an additive mask
+        must be added after scaling, so there (and for a scale <= 0) the scores
+        are scaled first.
+        """
+        additive = mask is not None and mask.dtype != bool
+        folded = self.scale > 0 and not additive
+        if not folded:
+            scores *= scores.dtype.type(self.scale)
+        scores = self._apply_mask(scores, mask)
+        # A causal mask leaves every query row at least its first key.
+        user_mask = self.params["attn_mask"] is not None
+        return _masked_softmax(scores, user_mask, self.scale if folded else 1.0)
 
     def _check(self, query, key, value):
         name = self.name
@@ -156,16 +201,12 @@ class ScaledDotProductAttention(Primitive):
                 f"{value.shape} cannot be broadcast"
             ) from None
 
-    def _apply_mask(self, scores):
-        xp = array_module(scores)
-        mask = self.params["attn_mask"]
-        length, source = scores.shape[-2:]
-        if self.params["is_causal"]:
-            mask = xp.tril(xp.ones((length, source), dtype=bool))
+    def _apply_mask(self, scores, mask):
         if mask is None:
             return scores
+        xp = array_module(scores)
         try:
-            np.broadcast_shapes(mask.shape, scores.shape)
+            shape = np.broadcast_shapes(mask.shape, scores.shape)
         except ValueError:
             raise ShapeError(
                 f"{self.name}: attn_mask of shape {mask.shape} does not broadcast to the "
@@ -173,7 +214,11 @@ class ScaledDotProductAttention(Primitive):
             ) from None
         if mask.dtype == bool:
             return xp.where(mask, scores, -np.inf)  # True means "take part"
-        return scores + mask.astype(scores.dtype, copy=False)
+        mask = mask.astype(scores.dtype, copy=False)
+        if shape != scores.shape:  # the mask adds batch axes
+            return scores + mask
+        scores += mask
+        return scores
 
     def _dropped(self, probs, keep):
         """``P_d = P * M / (1 - p)`` (or ``P`` without dropout)."""
@@ -184,7 +229,7 @@ class ScaledDotProductAttention(Primitive):
         return probs * keep * probs.dtype.type(scale)
 
     def _save_for_backward(self, query, key, value, probs, keep, output):
-        needs_query, needs_key, _ = self.needs_input_grad
+        needs_query, needs_key, _ = self._needs()
         needs_scores = needs_query or needs_key
         saved = {
             "query": query if needs_key else None,
@@ -225,15 +270,16 @@ class ScaledDotProductAttention(Primitive):
 
     # -- the shared core ---------------------------------------------------------
 
-    def _core(self, d_out, arrays, delta=None, key_scales=None):
+    def _core(self, d_out, arrays, delta=None, key_scales=None, outs=(None, None, None)):
         """``(dQ, dK, dV)`` before batch reduction, from (possibly restricted) arrays.
 
         ``delta`` is ``rowsum(dP * P)`` when given (else formed from ``dP``);
         ``key_scales`` multiplies each key column's contribution (a sketch's
-        ``1/p_j``).
+        ``1/p_j``); ``outs`` are arrays (or views) to write dQ, dK and dV into.
         """
         xp = array_module(d_out)
-        needs_query, needs_key, needs_value = self.needs_input_grad
+        needs_query, needs_key, needs_value = self._needs()
+        out_query, out_key, out_value = outs
         probs, keep = arrays["probs"], arrays["keep"]
         dropped = self._dropped(probs, keep)
         if key_scales is not None:
@@ -241,23 +287,22 @@ class ScaledDotProductAttention(Primitive):
             dropped = dropped * key_scales
         grad_query = grad_key = grad_value = None
         if needs_value:
-            grad_value = _swap(dropped) @ d_out  # dV = P_d^T dO
+            grad_value = _matmul(_swap(dropped), d_out, out_value)  # dV = P_d^T dO
         if needs_query or needs_key:
             d_probs = d_out @ _swap(arrays["value"])  # dP = dO V^T
             if keep is not None:
                 d_probs = self._dropped(d_probs, keep)
             # dS = P * (dP - rowsum(dP * P)) * scale
             if delta is None:  # whole rows of P: the fused softmax VJP
-                d_scores = _softmax_vjp(probs, d_probs)
-                d_scores *= d_out.dtype.type(self.scale)
+                d_scores = _softmax_vjp(probs, d_probs, self.scale)
             else:
                 d_scores = probs * (d_probs - delta) * d_out.dtype.type(self.scale)
             if key_scales is not None:
                 d_scores = d_scores * key_scales
             if needs_query:
-                grad_query = d_scores @ arrays["key"]  # dQ = dS K
+                grad_query = _matmul(d_scores, arrays["key"], out_query)  # dQ = dS K
             if needs_key:
-                grad_key = _swap(d_scores) @ arrays["query"]  # dK = dS^T Q
+                grad_key = _matmul(_swap(d_scores), arrays["query"], out_key)  # dK = dS^T Q
         return grad_query, grad_key, grad_value
 
     def _reduced(self, grads):
@@ -276,7 +321,7 @@ class ScaledDotProductAttention(Primitive):
     def _flops(self, length, source):
         """FLOPs of the core on ``length`` query rows and ``source`` key rows."""
         batch, _, _, features, value_features = self._sizes()
-        needs_query, needs_key, needs_value = self.needs_input_grad
+        needs_query, needs_key, needs_value = self._needs()
         gemm = 2 * batch * length * source
         flops = gemm * value_features if needs_value else 0
         if needs_query or needs_key:
@@ -352,7 +397,7 @@ class ScaledDotProductAttention(Primitive):
             grad_key = sample.expand(grad_key, axis=key_axis)
         if grad_value is not None:
             grad_value = sample.expand(grad_value, axis=key_axis)
-        batch = int(np.prod(self.output_shape[:-2]))
+        batch = self._sizes()[0]
         delta_flops = 2 * batch * length * value_features if delta is not None else 0
         self._sampled_flops = self._flops(length, sample.kept) + delta_flops
         return self._reduced((grad_query, grad_key, grad_value))
@@ -372,6 +417,91 @@ class ScaledDotProductAttention(Primitive):
                 grads[index] = sample.apply(grads[index], axis=grads[index].ndim - 2)
         self._sampled_flops = flops
         return self._reduced(tuple(grads))
+
+
+class PackedSelfAttention(ScaledDotProductAttention):
+    """Multi-head self-attention on a packed ``(N, T, 3E)`` projection; output ``(N, T, E)``.
+
+    Each token's row of the input holds its query, key and value, each as
+    ``num_heads`` heads of ``E / num_heads`` features (the output layout of one
+    ``E -> 3E`` linear map). The op is :class:`ScaledDotProductAttention` on the
+    ``(N, heads, T, E / heads)`` heads, taken as strided views of the input;
+    the output has the heads side by side (``(N, T, heads, E / heads)`` merged),
+    and the exact VJP writes ``dQ``, ``dK`` and ``dV`` straight into the packed
+    gradient. The sampled VJPs are the parent's, run on the same views.
+    """
+
+    def forward(self, packed):
+        xp = array_module(packed)
+        heads = self.params["num_heads"]
+        if packed.ndim != 3 or packed.shape[-1] % (3 * heads):
+            raise ShapeError(
+                f"{self.name}: packed input must be (batch, tokens, 3 * heads * head_dim) "
+                f"with {heads} heads, got shape {packed.shape}"
+            )
+        query, key, value = self._split(packed)
+        batch, tokens, features = packed.shape
+        self._check_mask((batch, heads, tokens, tokens))
+        merged = xp.empty((batch, tokens, features // 3), dtype=packed.dtype)
+        self._attend(query, key, value, out=self._heads(merged))
+        return merged
+
+    def _check_mask(self, scores_shape):
+        """The mask may not add axes to the scores: the output has the input's batch."""
+        mask = self.params["attn_mask"]
+        if mask is None:
+            return
+        try:
+            fits = np.broadcast_shapes(mask.shape, scores_shape) == scores_shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ShapeError(
+                f"{self.name}: attn_mask of shape {mask.shape} does not broadcast to the "
+                f"attention scores of shape {scores_shape}"
+            )
+
+    def _head_dim(self) -> int:
+        return self.input_shapes[0][-1] // (3 * self.params["num_heads"])
+
+    def _split(self, packed):
+        """Query, key and value heads ``(N, heads, T, head_dim)``: views of ``packed``."""
+        batch, tokens, features = packed.shape
+        heads = self.params["num_heads"]
+        parts = packed.reshape(batch, tokens, 3, heads, features // (3 * heads))
+        return tuple(parts[:, :, part].transpose(0, 2, 1, 3) for part in range(3))
+
+    def _heads(self, merged):
+        """``(N, T, E) -> (N, heads, T, head_dim)``, a view when ``merged`` is contiguous."""
+        batch, tokens, _ = merged.shape
+        heads = self.params["num_heads"]
+        return merged.reshape(batch, tokens, heads, -1).transpose(0, 2, 1, 3)
+
+    def _needs(self) -> tuple:
+        return self.needs_input_grad * 3
+
+    def _sizes(self):
+        batch, tokens, _ = self.input_shapes[0]
+        head_dim = self._head_dim()
+        return batch * self.params["num_heads"], tokens, tokens, head_dim, head_dim
+
+    def _reduced(self, grads):
+        """The three head gradients in the packed layout (zeros where one is None)."""
+        like = next((grad for grad in grads if grad is not None), None)
+        if like is None:
+            return (None,)
+        packed = array_module(like).empty(self.input_shapes[0], dtype=like.dtype)
+        for target, grad in zip(self._split(packed), grads, strict=True):
+            target[...] = 0 if grad is None else grad
+        return (packed,)
+
+    def vjp(self, cotangent):
+        packed = array_module(cotangent).empty(self.input_shapes[0], dtype=cotangent.dtype)
+        self._core(self._heads(cotangent), self._saved(), outs=self._split(packed))
+        return (packed,)
+
+    def sampled_vjp(self, cotangent):
+        return super().sampled_vjp(self._heads(cotangent))
 
 
 def scaled_dot_product_attention(
@@ -403,6 +533,38 @@ def scaled_dot_product_attention(
     return record(
         ScaledDotProductAttention,
         *tensors,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=bool(is_causal),
+        scale=scale,
+        generator=generator,
+    )
+
+
+def packed_self_attention(
+    packed, num_heads, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, generator=None
+) -> Tensor:
+    """Multi-head self-attention on ``packed = x @ in_weight.T + in_bias`` of shape (N, T, 3E).
+
+    The same as splitting ``packed`` into query, key and value, each into
+    ``num_heads`` heads, calling :func:`scaled_dot_product_attention` on the
+    ``(N, heads, T, E / heads)`` heads and merging the heads of its output back
+    into ``(N, T, E)``, as one op that copies none of them. The other arguments
+    are :func:`scaled_dot_product_attention`'s (a mask broadcasts to
+    ``(N, heads, T, T)``).
+    """
+    dropout_p = check_probability("scaled_dot_product_attention", dropout_p)
+    if is_causal and attn_mask is not None:
+        raise ValueError("scaled_dot_product_attention: give attn_mask or is_causal, not both")
+    packed = as_tensor(packed)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.data if isinstance(attn_mask, Tensor) else attn_mask
+        mask = array_module(packed.data).asarray(mask)
+    return record(
+        PackedSelfAttention,
+        packed,
+        num_heads=int(num_heads),
         attn_mask=mask,
         dropout_p=dropout_p,
         is_causal=bool(is_causal),
