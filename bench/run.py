@@ -251,7 +251,11 @@ def busy_machine_note(environment: dict) -> str:
     threads and 1 ms with one.
     """
     load, cpus, threads = environment["load_average"], environment["cpus"], environment["threads"]
-    if not load or not cpus or not threads or threads < 2 or load[0] + threads <= cpus:
+    if not load or not cpus or not threads or threads < 2:
+        return ""
+    # Below one runnable process on average (often this suite's own previous run
+    # fading out of the 1-minute average) the threads rarely wait.
+    if load[0] < 1.0 or load[0] + threads <= cpus:
         return ""
     return (
         f"\n**Busy machine**: load average {load[0]} at the start, {threads} BLAS thread(s) "
