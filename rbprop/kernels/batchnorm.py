@@ -174,19 +174,22 @@ def _row_normalize_numba(rows, mean, scale, bias, y):
             y[c, m] = (rows[c, m] - channel_mean) * channel_scale + channel_bias
 
 
+@numba.njit(cache=True, fastmath=_REASSOCIATE, inline="always")
+def _channel_gradient_sums(cotangent, rows, c, channel_mean, channel_rstd):
+    """``(sum_m v, sum_m v x_hat)`` over channel ``c``'s row of a channel-major array."""
+    total = 0.0
+    total_x_hat = 0.0
+    for m in range(rows.shape[1]):
+        value = cotangent[c, m]
+        total += value
+        total_x_hat += value * ((rows[c, m] - channel_mean) * channel_rstd)
+    return total, total_x_hat
+
+
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _row_gradient_sums_numba(cotangent, rows, mean, rstd, sum_v, sum_v_x_hat):
-    channels, count = rows.shape
-    for c in numba.prange(channels):
-        channel_mean, channel_rstd = mean[c], rstd[c]
-        total = 0.0
-        total_x_hat = 0.0
-        for m in range(count):
-            value = cotangent[c, m]
-            total += value
-            total_x_hat += value * ((rows[c, m] - channel_mean) * channel_rstd)
-        sum_v[c] = total
-        sum_v_x_hat[c] = total_x_hat
+    for c in numba.prange(rows.shape[0]):
+        sum_v[c], sum_v_x_hat[c] = _channel_gradient_sums(cotangent, rows, c, mean[c], rstd[c])
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
@@ -196,12 +199,7 @@ def _row_centred_grad_numba(cotangent, rows, mean, rstd, gain, sum_v, sum_v_x_ha
     channels, count = rows.shape
     for c in numba.prange(channels):
         channel_mean, channel_rstd, channel_gain = mean[c], rstd[c], gain[c]
-        total = 0.0
-        total_x_hat = 0.0
-        for m in range(count):
-            value = cotangent[c, m]
-            total += value
-            total_x_hat += value * ((rows[c, m] - channel_mean) * channel_rstd)
+        total, total_x_hat = _channel_gradient_sums(cotangent, rows, c, channel_mean, channel_rstd)
         sum_v[c] = total
         sum_v_x_hat[c] = total_x_hat
         # Stored in `means`, of the arrays' dtype, the two means round to that dtype

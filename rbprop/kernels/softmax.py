@@ -50,26 +50,17 @@ _REASSOCIATE = {"reassoc", "nsz", "arcp"}
 
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
-def _shift_by_row_max_numba(x, out, row_max):
-    """``out = x - max_j x``, row by row, keeping the maxima (``out`` may be ``x``)."""
+def _shift_by_row_max_numba(x, scale, out, row_max):
+    """``out = s (x - max_j x)``, row by row, keeping the maxima (``out`` may be ``x``).
+
+    ``s = 1`` gives ``x - max_j x`` exactly (a product by one is exact).
+    """
     rows, length = x.shape
     for r in numba.prange(rows):
         largest = x[r, 0]
         for j in range(1, length):
             largest = max(largest, x[r, j])
         row_max[r] = largest
-        for j in range(length):
-            out[r, j] = x[r, j] - largest
-
-
-@numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
-def _scaled_shift_by_row_max_numba(x, scale, out):
-    """``out = s (x - max_j x)`` for ``s > 0``, row by row (``out`` may be ``x``)."""
-    rows, length = x.shape
-    for r in numba.prange(rows):
-        largest = x[r, 0]
-        for j in range(1, length):
-            largest = max(largest, x[r, j])
         for j in range(length):
             out[r, j] = (x[r, j] - largest) * scale
 
@@ -236,7 +227,7 @@ def _shifted_exp(x):
     rows = _rows(x)
     exps = np.empty(rows.shape, dtype=x.dtype)
     row_max = np.empty(rows.shape[0], dtype=x.dtype)
-    launch(_shift_by_row_max_numba, rows.size, rows, exps, row_max)
+    launch(_shift_by_row_max_numba, rows.size, rows, x.dtype.type(1), exps, row_max)
     np.exp(exps, out=exps)
     return exps, rows, row_max
 
@@ -257,8 +248,9 @@ def softmax(x, scale=1.0, out=None):
         exps, _, _ = _shifted_exp(x)
     else:
         exps = _output_rows(out, x)
+        row_max = np.empty(exps.shape[0], dtype=x.dtype)
         # The scale in x's dtype: a float64 one made the pass twice as slow on float32.
-        launch(_scaled_shift_by_row_max_numba, exps.size, _rows(x), x.dtype.type(scale), exps)
+        launch(_shift_by_row_max_numba, exps.size, _rows(x), x.dtype.type(scale), exps, row_max)
         np.exp(exps, out=exps)
     launch(_normalize_rows_numba, exps.size, exps)
     return _placed(exps, out, x.shape)
