@@ -40,6 +40,7 @@ import numpy as np
 
 from ..primitive import ShapeError
 from .dispatch import launch, use_numba
+from .layernorm import row_mean_and_variance
 
 # Reassociating the float64 channel sums lets LLVM vectorise them (see the
 # layer-norm kernels); NaN and inf still propagate (no nnan, ninf).
@@ -150,18 +151,8 @@ def _scaled_grad_numba(cotangent, gain, dx):
 
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _row_statistics_numba(rows, mean, variance):
-    channels, count = rows.shape
-    for c in numba.prange(channels):
-        total = 0.0
-        for m in range(count):
-            total += rows[c, m]
-        channel_mean = total / count
-        squares = 0.0
-        for m in range(count):
-            centred = rows[c, m] - channel_mean
-            squares += centred * centred
-        mean[c] = channel_mean
-        variance[c] = squares / count
+    for c in numba.prange(rows.shape[0]):
+        mean[c], variance[c] = row_mean_and_variance(rows, c)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -42,19 +42,32 @@ from .dispatch import launch, use_numba
 _REASSOCIATE = {"reassoc", "nsz", "arcp"}
 
 
+@numba.njit(cache=True, fastmath=_REASSOCIATE, inline="always")
+def row_mean_and_variance(x, r):
+    """Mean and (biased) variance of row ``r`` of a 2-D array, in two passes.
+
+    Two passes (the mean, then the centred squares) rather than one of sums
+    and sums of squares, which cancels catastrophically when the mean is large.
+    Shared by the layer-norm and channel-major batch-norm kernels.
+    """
+    length = x.shape[1]
+    total = 0.0
+    for j in range(length):
+        total += x[r, j]
+    row_mean = total / length
+    squares = 0.0
+    for j in range(length):
+        centred = x[r, j] - row_mean
+        squares += centred * centred
+    return row_mean, squares / length
+
+
 @numba.njit(cache=True, parallel=True, fastmath=_REASSOCIATE)
 def _layer_norm_forward_numba(x, weight, bias, eps, y, mean, rstd):
     rows, length = x.shape
     for r in numba.prange(rows):
-        total = 0.0
-        for j in range(length):
-            total += x[r, j]
-        row_mean = total / length
-        squares = 0.0
-        for j in range(length):
-            centred = x[r, j] - row_mean
-            squares += centred * centred
-        row_rstd = 1.0 / math.sqrt(squares / length + eps)
+        row_mean, row_variance = row_mean_and_variance(x, r)
+        row_rstd = 1.0 / math.sqrt(row_variance + eps)
         mean[r] = row_mean
         rstd[r] = row_rstd
         # The statistics read back in x's dtype, so that this loop runs in it.
