@@ -300,13 +300,14 @@ class Primitive:
         if not self.output_shape:
             return self._scalar_row_sample(cotangent, sample)
 
-        values = cotangent if sparse is None else sparse.values
-        xp = array_module(values)
-        indices, in_sample, in_cotangent = restrict(sample, sparse and sparse.indices)
-        # S v on the rows both keep: v_i / p_i.
-        compact = xp.take(values, xp.asarray(in_cotangent), axis=0)
-        shape = (-1,) + (1,) * (compact.ndim - 1)
-        compact *= xp.asarray(sample.scales[in_sample], dtype=compact.dtype).reshape(shape)
+        if sparse is None:  # S v on the kept rows: v_i / p_i
+            indices, compact = sample.indices, sample.compress(cotangent, axis=0)
+        else:  # S v on the rows both the sample and the cotangent keep
+            indices, in_sample, in_cotangent = restrict(sample, sparse.indices)
+            xp = array_module(sparse.values)
+            compact = xp.take(sparse.values, xp.asarray(in_cotangent), axis=0)
+            shape = (-1,) + (1,) * (compact.ndim - 1)
+            compact *= xp.asarray(sample.scales[in_sample], dtype=compact.dtype).reshape(shape)
         self._sampled_flops = self.vjp_flops() * len(indices) // max(rows, 1)
         return self._kept_rows_vjp(indices, compact)
 
