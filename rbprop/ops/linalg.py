@@ -147,13 +147,12 @@ class Linear(Primitive):
         flat = self._flat_rows(cotangent.indices)
         rows, in_features, out_features = self._sizes()
         grad_x = grad_weight = grad_bias = None
-        if self.needs_input_grad[0]:
-            read, rows_read = self._unread_rows_skipped(v, self._flat_rows(cotangent.indices))
-            if self._tokens_per_row() == 1:
-                grad_x = RowSparse(rows_read, read @ self.weight, self.input_shapes[0])
-            else:
-                values = (v @ self.weight).reshape((cotangent.kept,) + self.input_shapes[0][1:])
-                grad_x = RowSparse(cotangent.indices, values, self.input_shapes[0])
+        if self.needs_input_grad[0] and self._tokens_per_row() == 1:
+            read, rows_read = self._unread_rows_skipped(v, flat)
+            grad_x = RowSparse(rows_read, read @ self.weight, self.input_shapes[0])
+        elif self.needs_input_grad[0]:
+            values = (v @ self.weight).reshape((cotangent.kept,) + self.input_shapes[0][1:])
+            grad_x = RowSparse(cotangent.indices, values, self.input_shapes[0])
         if self.needs_input_grad[1]:
             xp = array_module(v)
             grad_weight = v.T @ xp.take(self.rows, xp.asarray(flat), axis=0)
