@@ -19,6 +19,7 @@ import contextlib
 import threading
 
 from . import cost
+from .rowsparse import densify
 
 _state = threading.local()
 
@@ -74,7 +75,6 @@ def topological_order(root_op) -> list:
 
 def run_backward(root, cotangent, retain_graph: bool) -> None:
     """Propagate ``cotangent`` (an array shaped like ``root``) back to the leaves."""
-    from .rowsparse import densify
     from .tensor import accumulate_grad
 
     root_op = root.op
