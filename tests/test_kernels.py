@@ -484,7 +484,7 @@ def test_disabling_numba_routes_every_kernel_to_its_twin(rng, monkeypatch):
         raise AssertionError("a numba kernel ran although RBPROP_DISABLE_NUMBA=1")
 
     for module, kernel in (
-        (conv, "_im2col_numba"),
+        (conv, "_im2col_rows_numba"),
         (gather, "_compact_mask_numba"),
         (importance, "_water_filling_numba"),
         (softmax, "_normalize_rows_numba"),

@@ -95,16 +95,6 @@ def _lower_one_row(x, n, top, left, kh, kw, out_row):
 
 
 @numba.njit(cache=True, parallel=True)
-def _im2col_numba(x, kh, kw, sh, sw, ph, pw, out_height, out_width, cols):
-    plane = out_height * out_width
-    for row in numba.prange(cols.shape[0]):
-        n = row // plane
-        oh = (row - n * plane) // out_width
-        ow = row - n * plane - oh * out_width
-        _lower_one_row(x, n, oh * sh - ph, ow * sw - pw, kh, kw, cols[row])
-
-
-@numba.njit(cache=True, parallel=True)
 def _im2col_rows_numba(x, rows, kh, kw, sh, sw, ph, pw, out_height, out_width, cols):
     plane = out_height * out_width
     for position in numba.prange(rows.shape[0]):
@@ -136,17 +126,6 @@ def _scatter_one_row(cols_row, n, top, left, kh, kw, image):
                 if 0 <= h < height and 0 <= w < width:
                     image[n, c, h, w] += cols_row[column]
                 column += 1
-
-
-@numba.njit(cache=True, parallel=True)
-def _col2im_numba(cols, kh, kw, sh, sw, ph, pw, out_height, out_width, image):
-    # One image per iteration: its rows of cols are read in order, its adds stay
-    # in cache, and no two threads add onto the same image.
-    for n in numba.prange(image.shape[0]):
-        for oh in range(out_height):
-            for ow in range(out_width):
-                row = (n * out_height + oh) * out_width + ow
-                _scatter_one_row(cols[row], n, oh * sh - ph, ow * sw - pw, kh, kw, image)
 
 
 @numba.njit(cache=True, parallel=True)
@@ -308,9 +287,10 @@ def im2col(x, kh, kw, stride=1, padding=0):
         "im2col", x.shape, kh, kw, stride, padding
     )
     batch, channels = x.shape[:2]
-    cols = np.empty((batch * out_height * out_width, channels * kh * kw), dtype=x.dtype)
+    rows = np.arange(batch * out_height * out_width)  # every row: the row kernel serves
+    cols = np.empty((rows.size, channels * kh * kw), dtype=x.dtype)
     geometry = (kh, kw, sh, sw, ph, pw, out_height, out_width)
-    launch(_im2col_numba, cols.size, np.ascontiguousarray(x), *geometry, cols)
+    launch(_im2col_rows_numba, cols.size, np.ascontiguousarray(x), rows, *geometry, cols)
     return cols
 
 
@@ -323,9 +303,13 @@ def col2im(cols, input_shape, kh, kw, stride=1, padding=0):
     )
     batch, channels = input_shape[:2]
     _check_cols("col2im", cols, (batch * out_height * out_width, channels * kh * kw))
+    plane = out_height * out_width
+    rows = np.arange(batch * plane)  # every row, so image n owns rows n * plane onwards
     image = np.zeros(tuple(input_shape), dtype=cols.dtype)
     geometry = (kh, kw, sh, sw, ph, pw, out_height, out_width)
-    launch(_col2im_numba, cols.size, np.ascontiguousarray(cols), *geometry, image)
+    image_bounds = np.arange(batch + 1) * plane
+    arguments = (np.ascontiguousarray(cols), rows, image_bounds, *geometry, image)
+    launch(_col2im_rows_numba, cols.size, *arguments)
     return image
 
 
