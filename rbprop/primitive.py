@@ -29,6 +29,7 @@ import numpy as np
 from . import cost
 from .backend import array_module, to_numpy
 from .rowsparse import RowSparse, restrict
+from .sketch import SeedStream
 
 
 class ShapeError(ValueError):
@@ -109,8 +110,6 @@ class Primitive:
         self.placement = None
         self.sample = None
         self.seed = None
-        #: The sampled block's generator, set only while this op's forward runs.
-        self.forward_stream = None
         self._saved_names: list[str] = []
         self._held: list = []
 
@@ -136,20 +135,14 @@ class Primitive:
         return found
 
     def draw_sample(self, size: int, weights=None):
-        """Draw this op's sketch over an axis of ``size``.
+        """Draw this op's sketch over an axis of ``size``, from the op's own seed.
 
-        In the forward pass the draw comes from the ``sampled`` block's forward
-        stream (ops draw in the order they are recorded, so the same seed gives
-        the same sketches); in the backward pass, from a generator seeded with
-        this op's own seed, so the draw does not depend on the order in which
-        the reverse pass visits the ops. Building a generator costs tens of
-        microseconds with cold caches, which the forward stream avoids.
+        The draw is a function of the seed alone (a :class:`rbprop.sketch.SeedStream`),
+        whether it happens in the forward or the backward pass, so the same
+        seed gives the same sketches whatever order the reverse pass visits the
+        ops in. An op without a seed draws from fresh entropy.
         """
-        rng = self.forward_stream
-        if rng is None:
-            # The same stream as default_rng(seed), without its argument checks.
-            rng = np.random.Generator(np.random.PCG64(self.seed))
-        return self.sketch.draw(size, rng, weights=weights)
+        return self.sketch.draw(size, SeedStream(self.seed), weights=weights)
 
     def wants_forward_sample(self) -> bool:
         """True when a data-independent sketch should be drawn in the forward pass."""

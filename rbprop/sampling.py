@@ -8,22 +8,24 @@ module paths (``"blocks.0.mlp"``, with shell-style wildcards such as
 sketches, spec strings or ``None``. The most specific key wins: a pair, then
 the deepest matching module, then the op name. What no key names stays exact.
 
-Each recorded op gets its own integer seed from the context's generator, so a
-backward pass draws the same sketches whatever order it visits the ops in.
-Sketches drawn in the forward pass come from one stream of the context, in the
-order the ops are recorded. Either way, the same seed with the same inputs
-gives bit-identical sampled gradients.
+Each recorded op gets its own 64-bit seed, a hash of the block's seed and the
+op's place in record order, and draws its sketch from it alone (forward or
+backward), so a backward pass draws the same sketches whatever order it visits
+the ops in, and the same seed with the same inputs gives bit-identical sampled
+gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import threading
 from collections.abc import Mapping
 
 import numpy as np
 
+from .kernels.draws import GOLDEN_GAMMA, MASK64, mix64
 from .sketch import Sketch, parse
 
 _state = threading.local()
@@ -115,17 +117,19 @@ def _is_pattern(key: str) -> bool:
 
 
 class SampledContext:
-    """The state of one ``sampled`` block: the policy and the seed generator."""
+    """The state of one ``sampled`` block: the policy and the source of op seeds.
 
-    #: Op seeds are drawn this many at a time (the same values as one at a time).
-    seed_block = 64
+    Op ``j`` recorded in the block (counting from 1) gets the 64-bit seed
+    ``mix64(key + j * GOLDEN_GAMMA)``, SplitMix64's ``j``-th output for the
+    block's key: a function of the block's seed and the op's record order only.
+    The key is the block's seed (an int, folded to 64 bits by hashing) or 64
+    fresh bits from the operating system when the seed is None.
+    """
 
     def __init__(self, policy, seed):
         self.policy = policy if isinstance(policy, Policy) else Policy(policy)
-        self.seeds = np.random.default_rng(seed)
-        self._spare_seeds: list[int] = []
-        # Sketches drawn in the forward pass come from here, in record order.
-        self.forward_stream = np.random.Generator(np.random.PCG64(self._next_seed()))
+        self._key = seed_key(seed)
+        self._recorded = 0
 
     def configure(self, op) -> None:
         """Attach the policy's sketch (and a fresh seed) to a recorded op."""
@@ -135,13 +139,45 @@ class SampledContext:
         op.sketch = sketch
         op.placement = sketch.placement
         op.seed = self._next_seed()
-        op.forward_stream = self.forward_stream
 
     def _next_seed(self) -> int:
-        if not self._spare_seeds:
-            block = self.seeds.integers(2**63 - 1, size=self.seed_block).tolist()
-            self._spare_seeds = block[::-1]
-        return self._spare_seeds.pop()
+        self._recorded += 1
+        return mix64(self._key + self._recorded * GOLDEN_GAMMA)
+
+
+def seed_key(seed) -> int:
+    """A ``sampled`` block's seed as a 64-bit key.
+
+    ``seed`` is a non-negative int (any width), a sequence of them (such as
+    ``[run_seed, step]``), or None for 64 fresh bits from the operating system.
+    An int below 2^64 is its own key; anything else is hashed 64 bits at a time.
+    """
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little")
+    single = isinstance(seed, (int, np.integer))
+    try:
+        words = [seed] if single else list(seed)
+    except TypeError:
+        words = []
+    if not words or not all(_is_seed_word(word) for word in words):
+        raise TypeError(
+            f"sampled: seed must be a non-negative int, a sequence of them, or None; got {seed!r}"
+        )
+    if single and int(seed) <= MASK64:
+        return int(seed)
+    key = mix64(len(words))
+    for word in map(int, words):
+        while True:  # each 64-bit chunk of the word, then a separator
+            key = mix64(key + (word & MASK64) + GOLDEN_GAMMA)
+            word >>= 64
+            if not word:
+                break
+        key = mix64(key ^ GOLDEN_GAMMA)
+    return key
+
+
+def _is_seed_word(word) -> bool:
+    return isinstance(word, (int, np.integer)) and not isinstance(word, bool) and word >= 0
 
 
 @contextlib.contextmanager

@@ -16,17 +16,66 @@ the scale (what a forward pass saves of the other operand of a bilinear op).
 Sketches drawn independently of the data (every family except
 :class:`Importance`) can be drawn in the forward pass, which lets an op save only
 what its sampled VJP will read.
+
+``draw`` takes its randomness from a numpy ``Generator`` or from a
+:class:`SeedStream`, the counter-based stream a recorded op draws from (one
+64-bit seed per op, see :mod:`rbprop.sampling`): Bernoulli, uniform and
+importance draws read its uniforms directly, rank-k draws its Gaussian matrix
+from a numpy ``Generator`` seeded with the same seed.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
 from .backend import array_module, to_numpy
+from .kernels.draws import keep_indices, uniforms
 
 PLACEMENTS = (None, "cotangent", "contracted", "weight")
+
+
+class SeedStream:
+    """The random numbers of one sketch draw, all from one 64-bit ``seed``.
+
+    Uniform ``i`` is a hash of the seed and ``i`` (:mod:`rbprop.kernels.draws`),
+    so a draw builds no generator object; :meth:`generator` gives a numpy
+    ``Generator`` on the same seed for the draws that need one (Gaussian
+    matrices). ``seed=None`` takes 64 fresh bits from the operating system.
+    """
+
+    __slots__ = ("seed",)
+
+    def __init__(self, seed=None):
+        self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
+
+    def uniforms(self, size: int):
+        """``size`` float64 uniforms in ``[0, 1)``."""
+        return uniforms(self.seed, size)
+
+    def keep(self, size: int, probabilities):
+        """Indices kept with probability ``p_i`` (one float or ``size`` of them), and ``1/p_i``."""
+        return keep_indices(self.seed, size, probabilities)
+
+    def generator(self) -> np.random.Generator:
+        """A numpy ``Generator`` (PCG64) seeded with this stream's seed."""
+        return np.random.Generator(np.random.PCG64(self.seed))
+
+
+def _keep(rng, size: int, probabilities):
+    """Kept indices and ``1/p_i`` of independent Bernoulli(p_i) trials, from either source."""
+    if isinstance(rng, SeedStream):
+        return rng.keep(size, probabilities)
+    indices = np.flatnonzero(rng.random(size) < probabilities)
+    if np.ndim(probabilities):
+        return indices, 1.0 / probabilities[indices]
+    return indices, np.full(indices.size, 1.0 / probabilities)
+
+
+def _generator(rng) -> np.random.Generator:
+    return rng.generator() if isinstance(rng, SeedStream) else rng
 
 
 class Sketch:
@@ -57,7 +106,9 @@ class Sketch:
         """Whether the sketch is independent of the data (so the forward pass may draw it)."""
         return not self.needs_cotangent
 
-    def draw(self, size: int, rng: np.random.Generator, weights=None):
+    def draw(self, size: int, rng, weights=None):
+        """One realised sample over an axis of ``size``, from ``rng``: a numpy ``Generator``
+        or a :class:`SeedStream`."""
         raise NotImplementedError(f"{type(self).__name__}.draw is not written")
 
     def spec(self) -> str:
@@ -80,9 +131,8 @@ class Bernoulli(Sketch):
     family = "bernoulli"
 
     def draw(self, size, rng, weights=None):
-        mask = rng.random(size) < self.keep_ratio
-        indices = np.flatnonzero(mask)
-        return DiagonalSample(size, indices, np.full(indices.size, 1.0 / self.keep_ratio))
+        indices, scales = _keep(rng, size, self.keep_ratio)
+        return DiagonalSample(size, indices, scales)
 
     def added_variance(self, contributions):
         """``E||J^T (S - I) v||^2 = (1/p - 1) sum_i ||x_i||^2``, ``x_i = v_i J_i``.
@@ -101,7 +151,13 @@ class UniformK(Sketch):
 
     def draw(self, size, rng, weights=None):
         kept = min(size, math.ceil(self.keep_ratio * size))
-        indices = np.sort(rng.choice(size, size=kept, replace=False)) if kept else np.empty(0, int)
+        if kept in (0, size):
+            indices = np.arange(kept)
+        elif isinstance(rng, SeedStream):
+            # The k smallest of n i.i.d. uniforms: a uniformly random k-subset.
+            indices = np.sort(np.argpartition(rng.uniforms(size), kept - 1)[:kept])
+        else:
+            indices = np.sort(rng.choice(size, size=kept, replace=False))
         return DiagonalSample(size, indices, np.full(kept, size / max(kept, 1)))
 
     def added_variance(self, contributions):
@@ -132,7 +188,7 @@ class RankK(Sketch):
 
     def draw(self, size, rng, weights=None):
         kept = min(size, math.ceil(self.keep_ratio * size))
-        gaussian = rng.standard_normal((size, kept))
+        gaussian = _generator(rng).standard_normal((size, kept))
         if self.kind == "gaussian":
             return ProjectionSample(size, gaussian, 1.0 / kept)
         # QR of a Gaussian matrix, signs fixed by R's diagonal, is Haar-distributed.
@@ -187,8 +243,8 @@ class Importance(Sketch):
         if weights.size != size:
             raise ValueError(f"Importance: {weights.size} weights for an axis of length {size}")
         probabilities = water_filling(weights, self.keep_ratio * size)
-        indices = np.flatnonzero(rng.random(size) < probabilities)
-        return DiagonalSample(size, indices, 1.0 / probabilities[indices])
+        indices, scales = _keep(rng, size, probabilities)
+        return DiagonalSample(size, indices, scales)
 
     def added_variance(self, contributions):
         """``sum_i (1/p_i - 1) ||x_i||^2`` with ``p`` from the weights ``a_i = ||x_i||``."""

@@ -402,7 +402,6 @@ def record(op_class, *inputs, **params) -> Tensor:
         sampling.configure(op)
 
     output = op.forward(*(t.data for t in tensors))
-    op.forward_stream = None  # later draws (backward) use the op's own seed
     if not recording:
         return Tensor(output)
 

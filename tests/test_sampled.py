@@ -454,9 +454,13 @@ def test_same_seed_gives_bit_identical_gradients(family):
     sketch = FAMILIES[family]
     first = gradient(mlp_loss, arrays, None, MLP_CONSTANTS, sketch, seed=42)
     second = gradient(mlp_loss, arrays, None, MLP_CONSTANTS, sketch, seed=42)
-    other = gradient(mlp_loss, arrays, None, MLP_CONSTANTS, sketch, seed=43)
     assert np.array_equal(first, second)
-    assert not np.array_equal(first, other)
+    # One other seed may give the same gradient by chance (a sketch on the scalar
+    # loss drops it with probability 1 - r, zeroing every gradient); five may not.
+    others = [
+        gradient(mlp_loss, arrays, None, MLP_CONSTANTS, sketch, seed=s) for s in range(43, 48)
+    ]
+    assert any(not np.array_equal(first, other) for other in others)
 
 
 # -- policy semantics ---------------------------------------------------------------
