@@ -13,85 +13,44 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from ..kernels.softmax import log_softmax
-from ..primitive import Primitive, ShapeError
+from ..kernels.cross_entropy import REDUCTIONS, cross_entropy_backward, cross_entropy_forward
+from ..primitive import Primitive
+from ..rowsparse import RowSparse, restrict
 from ..tensor import Tensor, as_tensor, record
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 class CrossEntropy(Primitive):
     """Softmax cross-entropy of logits ``(N, C)`` against labels ``(N,)``.
 
+    Both directions are one compiled pass each (:mod:`rbprop.kernels.cross_entropy`).
+
     Sampled VJP, whatever the reduction: a sketch over the ``N`` rows of the
     per-row cotangent ``u``. Only the kept rows' gradients ``p_i - q_i`` are
-    formed (scaled by the sketch), the rest are zero; a projection sketch
-    has no kept rows and forms every row. Importance weights are exact:
-    ``a_i = |u_i| * ||p_i - q_i||``, with the norms computed in the forward pass
-    (which forms ``p`` anyway) when the importance sketch is active.
+    formed (scaled by the sketch) and returned row-sparse, the rest being zero;
+    a projection sketch has no kept rows and forms every row. Importance
+    weights are exact: ``a_i = |u_i| * ||p_i - q_i||``, with the norms computed
+    in the forward pass (which forms ``p`` anyway) when the importance sketch
+    is active.
     """
 
     name = "cross_entropy"
 
     def forward(self, logits):
-        target = self.params["target"]
-        self._check(logits, target)
         reduction = self.params["reduction"]
-        smoothing = self.params["label_smoothing"]
         self.row_local = reduction == "none"
-        xp = array_module(logits)
-
-        log_probs = log_softmax(logits)  # fused: x - max - log(sum(exp(x - max)))
-        picked = xp.take_along_axis(log_probs, target[:, None], axis=1)[:, 0]
-        losses = -(1 - smoothing) * picked
-        if smoothing:
-            losses = losses - smoothing * log_probs.mean(axis=1)
-        if reduction == "mean":
-            output = losses.mean()
-        elif reduction == "sum":
-            output = losses.sum()
-        else:
-            output = losses
-
+        target = self.params["target"]
+        keep_norms = self.recording and self.sketch is not None and self.sketch.needs_cotangent
+        output, probs, norms = cross_entropy_forward(
+            logits,
+            target,
+            self.params["label_smoothing"],
+            reduction,
+            keep_probs=self.recording,
+            keep_norms=keep_norms,
+        )
         if self.recording:
-            probs = xp.exp(log_probs)
-            norms = None
-            if self.sketch is not None and self.sketch.needs_cotangent:
-                row_grads = self._row_gradients(probs, target)
-                norms = xp.sqrt((row_grads.astype(np.float64) ** 2).sum(axis=1))
             self.save(probs=probs, target=target, gradient_norms=norms)
-        return xp.asarray(output, dtype=logits.dtype)
-
-    def _check(self, logits, target):
-        if logits.ndim != 2:
-            raise ShapeError(
-                f"cross_entropy: input must be (N, C) logits, got shape {logits.shape}"
-            )
-        if not np.issubdtype(target.dtype, np.integer):
-            raise TypeError(
-                f"cross_entropy: target must hold integer class labels, got dtype "
-                f"{target.dtype} (class-probability targets are not supported)"
-            )
-        if target.shape != logits.shape[:1]:
-            raise ShapeError(
-                f"cross_entropy: target of shape {target.shape} for input of shape "
-                f"{logits.shape}; expected ({logits.shape[0]},)"
-            )
-        classes = logits.shape[1]
-        if target.size and (int(target.min()) < 0 or int(target.max()) >= classes):
-            raise ValueError(
-                f"cross_entropy: labels must lie in [0, {classes}) for input of shape "
-                f"{logits.shape}, got values from {int(target.min())} to {int(target.max())}"
-            )
-
-    def _row_gradients(self, probs, target):
-        """``p_i - q_i`` for the rows given: d(row loss)/d(logits)."""
-        xp = array_module(probs)
-        smoothing = self.params["label_smoothing"]
-        grads = probs - probs.dtype.type(smoothing / probs.shape[1])
-        rows = xp.arange(probs.shape[0])
-        grads[rows, target] -= probs.dtype.type(1 - smoothing)
-        return grads
+        return output
 
     def _row_cotangent(self, cotangent):
         """The cotangent of each row's loss: ``v / N`` (mean), ``v`` (sum) or ``v_i``."""
@@ -102,32 +61,63 @@ class CrossEntropy(Primitive):
         share = cotangent / rows if self.params["reduction"] == "mean" else cotangent
         return xp.broadcast_to(share, (rows,))
 
+    def _gradient(self, cotangent, reduction=None, kept=None, kept_scales=None):
+        """``u_i s_k (p_i - q_i)`` on every row, or on the ``kept`` rows (see the kernel)."""
+        return cross_entropy_backward(
+            self.probs,
+            self.target,
+            cotangent,
+            self.params["label_smoothing"],
+            reduction or self.params["reduction"],
+            kept=kept,
+            kept_scales=kept_scales,
+        )
+
     def vjp(self, cotangent):
-        row_cotangent = self._row_cotangent(cotangent)
-        return (self._row_gradients(self.probs, self.target) * row_cotangent[:, None],)
+        return (self._gradient(cotangent),)
 
     def vjp_flops(self):
         rows, classes = self.input_shapes[0]
         return 2 * rows * classes
 
+    def row_sparse_vjp(self, cotangent: RowSparse):
+        """The exact VJP of a row-sparse cotangent (``"none"`` only), on its kept rows.
+
+        The kernel takes the kept rows' cotangents ``v_k`` as their scales, with a
+        shared ``u = 1`` (the ``"sum"`` form), so no rows of ``p`` are gathered.
+        """
+        classes = self.input_shapes[0][1]
+        self._sampled_flops = 2 * cotangent.kept * classes
+        values = self._gradient(
+            1.0, reduction="sum", kept=cotangent.indices, kept_scales=cotangent.values
+        )
+        return (RowSparse(cotangent.indices, values, self.input_shapes[0]),)
+
     def sampled_vjp(self, cotangent):
+        # A per-row loss below a row-sampled op gets a row-sparse cotangent: a
+        # vector, cheap to densify; its zero rows are left out of the kept rows.
+        cotangent_rows = None
+        if isinstance(cotangent, RowSparse):
+            cotangent_rows, cotangent = cotangent.indices, cotangent.dense()
         xp = array_module(cotangent)
-        row_cotangent = self._row_cotangent(cotangent)
         rows, classes = self.input_shapes[0]
         weights = None
         if self.sketch.needs_cotangent:
+            row_cotangent = self._row_cotangent(cotangent)
             weights = xp.abs(row_cotangent).astype(np.float64) * self.gradient_norms
         sample = self.draw_sample(rows, weights=weights)
         if not sample.is_diagonal:
-            sketched = sample.apply(row_cotangent, axis=0)
+            sketched = sample.apply(self._row_cotangent(cotangent), axis=0)
             self._sampled_flops = self.vjp_flops() + sample.apply_flops((rows,), 0)
-            return (self._row_gradients(self.probs, self.target) * sketched[:, None],)
+            return (self._gradient(sketched, reduction="none"),)
 
-        kept = xp.asarray(sample.indices)
-        compact = sample.compress(row_cotangent, axis=0)  # u_i / p_i on the kept rows
-        kept_grads = self._row_gradients(self.probs[kept], self.target[kept]) * compact[:, None]
-        self._sampled_flops = 2 * sample.kept * classes
-        return (sample.expand(kept_grads, axis=0),)
+        kept, kept_scales = sample.indices, sample.scales
+        if cotangent_rows is not None:  # the rows both the sample and the cotangent keep
+            kept, in_sample, _ = restrict(sample, cotangent_rows)
+            kept_scales = kept_scales[in_sample]
+        kept_grads = self._gradient(cotangent, kept=kept, kept_scales=kept_scales)
+        self._sampled_flops = 2 * len(kept) * classes
+        return (RowSparse(kept, kept_grads, self.input_shapes[0]),)
 
 
 def cross_entropy(input, target, reduction="mean", label_smoothing=0.0) -> Tensor:  # noqa: A002
