@@ -127,7 +127,7 @@ class SampledContext:
     """
 
     def __init__(self, policy, seed):
-        self.policy = policy if isinstance(policy, Policy) else Policy(policy)
+        self.policy = _resolved_policy(policy)
         self._key = seed_key(seed)
         self._recorded = 0
 
@@ -143,6 +143,35 @@ class SampledContext:
     def _next_seed(self) -> int:
         self._recorded += 1
         return mix64(self._key + self._recorded * GOLDEN_GAMMA)
+
+
+def _resolved_policy(policy) -> Policy:
+    """``policy`` as a :class:`Policy`, reusing the last one built from the same mapping.
+
+    A training loop usually enters ``sampled`` every step with the same dict;
+    resolving which key wins for each (op, module) pair anew each step would
+    cost a few microseconds an op. The Policy built last in this thread is
+    reused while the mapping is the same object holding the same keys and the
+    same values (by identity), so editing the dict between steps takes effect.
+    """
+    if isinstance(policy, Policy):
+        return policy
+    if not isinstance(policy, Mapping):
+        return Policy(policy)
+    items = tuple(policy.items())
+    last = getattr(_state, "last_policy", None)
+    if last is not None and last[0] is policy and _same_items(last[1], items):
+        return last[2]
+    resolved = Policy(policy)
+    _state.last_policy = (policy, items, resolved)
+    return resolved
+
+
+def _same_items(old, new) -> bool:
+    return len(old) == len(new) and all(
+        old_key == new_key and old_value is new_value
+        for (old_key, old_value), (new_key, new_value) in zip(old, new, strict=True)
+    )
 
 
 def seed_key(seed) -> int:
