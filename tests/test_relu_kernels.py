@@ -95,3 +95,45 @@ def test_relu_backward_rejects_bad_arguments(rng):
         relu.relu_backward(cotangent, np.ones((3, 2), dtype=bool))
     with pytest.raises(TypeError, match="relu_backward: mask must be boolean"):
         relu.relu_backward(cotangent, np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(9, 5), (13, 3, 4), (6,), (1, 1)])
+def test_kept_rows_backward_matches_twin_and_the_dense_backward(rng, shape, dtype):
+    x = rng.standard_normal(shape).astype(dtype)
+    _, mask = relu.relu(x)
+    for kept in (0, 1, shape[0] // 2, shape[0]):
+        rows = np.sort(rng.choice(shape[0], size=kept, replace=False))
+        values = rng.standard_normal((kept,) + shape[1:]).astype(dtype)
+        grad = relu.relu_backward_rows(values, mask, rows)
+        assert grad.dtype == dtype and grad.shape == values.shape
+        np.testing.assert_array_equal(grad, relu.relu_backward_rows_reference(values, mask, rows))
+        dense = np.zeros(shape, dtype)
+        dense[rows] = values
+        np.testing.assert_array_equal(grad, relu.relu_backward(dense, mask)[rows])
+
+
+def test_kept_rows_backward_of_a_channel_major_mask_uses_the_twin(rng):
+    x = np.ascontiguousarray(rng.standard_normal((3, 4, 2, 2))).swapaxes(0, 1)
+    _, mask = relu.relu(x)
+    rows = np.array([0, 2])
+    values = rng.standard_normal((2, 3, 2, 2))
+    np.testing.assert_array_equal(
+        relu.relu_backward_rows(values, mask, rows), values * (x[rows] > 0)
+    )
+
+
+@pytest.mark.parametrize("backward", [relu.relu_backward_rows, relu.relu_backward_rows_reference])
+def test_kept_rows_backward_rejects_bad_arguments(rng, backward):
+    mask = rng.standard_normal((5, 3)) > 0
+    values = rng.standard_normal((2, 3))
+    with pytest.raises(IndexError, match=r"relu_backward_rows: rows must lie in \[0, 5\).*7"):
+        backward(values, mask, np.array([1, 7]))
+    with pytest.raises(IndexError, match="from -1 to 2"):
+        backward(values, mask, np.array([-1, 2]))
+    with pytest.raises(ShapeError, match=r"values of shape \(2, 4\) for 2 rows"):
+        backward(rng.standard_normal((2, 4)), mask, np.array([0, 1]))
+    with pytest.raises(TypeError, match="rows must be a 1-D integer array"):
+        backward(values, mask, np.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        backward(values, mask.astype(np.float64), np.array([0, 1]))

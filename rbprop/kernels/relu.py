@@ -47,6 +47,18 @@ def _relu_backward_numba(cotangent, mask, dx):
         dx[i] = cotangent[i] * mask[i]  # mask is 0 or 1 (uint8): numpy's v * mask
 
 
+@numba.njit(cache=True)
+def _relu_backward_rows_numba(values, mask, rows, dx):
+    """``dx[k] = values[k] * mask[rows[k]]``; False if a row lies outside the mask."""
+    for position in range(rows.size):
+        row = rows[position]
+        if row < 0 or row >= mask.shape[0]:
+            return False
+        for column in range(values.shape[1]):
+            dx[position, column] = values[position, column] * mask[row, column]
+    return True
+
+
 # ----------------------------------------------------------------------------- numpy twins
 
 
@@ -62,6 +74,15 @@ def relu_backward_reference(cotangent, mask):
     return (cotangent * mask).astype(cotangent.dtype, copy=False)
 
 
+def relu_backward_rows_reference(values, mask, rows):
+    """numpy twin of :func:`relu_backward_rows`."""
+    _check_rows(values, mask, rows)
+    xp = array_module(values)
+    if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= mask.shape[0]):
+        raise _rows_error(mask, rows)
+    return (values * mask[xp.asarray(rows)]).astype(values.dtype, copy=False)
+
+
 def _check(cotangent, mask):
     if cotangent.shape != mask.shape:
         raise ShapeError(
@@ -70,6 +91,28 @@ def _check(cotangent, mask):
         )
     if mask.dtype != np.bool_:
         raise TypeError(f"relu_backward: mask must be boolean, got dtype {mask.dtype}")
+
+
+def _check_rows(values, mask, rows):
+    if rows.ndim != 1 or rows.dtype.kind not in "iu":
+        raise TypeError(
+            f"relu_backward_rows: rows must be a 1-D integer array, got shape {rows.shape} "
+            f"and dtype {rows.dtype}"
+        )
+    if mask.ndim < 1 or values.shape != (rows.size,) + mask.shape[1:]:
+        raise ShapeError(
+            f"relu_backward_rows: values of shape {values.shape} for {rows.size} rows of a "
+            f"mask of shape {mask.shape}; expected {(rows.size,) + mask.shape[1:]}"
+        )
+    if mask.dtype != np.bool_:
+        raise TypeError(f"relu_backward_rows: mask must be boolean, got dtype {mask.dtype}")
+
+
+def _rows_error(mask, rows):
+    return IndexError(
+        f"relu_backward_rows: rows must lie in [0, {mask.shape[0]}) for a mask of shape "
+        f"{mask.shape}, got values from {int(rows.min())} to {int(rows.max())}"
+    )
 
 
 # ----------------------------------------------------------------------------- dispatchers
@@ -123,4 +166,29 @@ def relu_backward(cotangent, mask):
         _flat(mask).view(np.uint8),
         _flat(dx),
     )
+    return dx
+
+
+def relu_backward_rows(values, mask, rows):
+    """``values * mask[rows]``: the backward of a cotangent nonzero on ``rows`` only.
+
+    ``values`` holds the cotangent's rows ``rows`` (a row-sparse cotangent, see
+    :mod:`rbprop.rowsparse`); the result holds the input gradient's same rows.
+    One pass that reads only those rows of the mask, instead of gathering them
+    first. C-contiguous numpy arrays go to the kernel, others to the twin.
+    """
+    rows = np.asarray(rows)
+    if not use_numba(values) or not (values.flags.c_contiguous and mask.flags.c_contiguous):
+        return relu_backward_rows_reference(values, mask, rows)
+    _check_rows(values, mask, rows)
+    dx = np.empty_like(values)
+    width = values.size // rows.size if rows.size else 0
+    flat_mask = mask.reshape(mask.shape[0], -1).view(np.uint8)
+    if not _relu_backward_rows_numba(
+        values.reshape(rows.size, width),
+        flat_mask,
+        rows.astype(np.int64, copy=False),
+        dx.reshape(rows.size, width),
+    ):
+        raise _rows_error(mask, rows)
     return dx

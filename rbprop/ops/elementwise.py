@@ -16,7 +16,9 @@ from ..kernels.gelu import gelu as fused_gelu
 from ..kernels.gelu import gelu_backward as fused_gelu_backward
 from ..kernels.relu import relu as fused_relu
 from ..kernels.relu import relu_backward as fused_relu_backward
+from ..kernels.relu import relu_backward_rows
 from ..primitive import Primitive, broadcast_shapes, sum_to
+from ..rowsparse import RowSparse
 from ..tensor import Tensor, as_tensor, record
 
 
@@ -298,6 +300,14 @@ class Relu(Elementwise):
 
     def chain(self, v, mask, out):
         return (fused_relu_backward(v, mask),)
+
+    def row_sparse_vjp(self, cotangent: RowSparse):
+        """``v * mask`` on the kept rows of a row-sparse ``v``: one pass, no gather of the mask."""
+        self._sampled_flops = self.vjp_flops() * cotangent.kept // max(self.output_shape[0], 1)
+        if not cotangent.kept:
+            return (None,)
+        values = relu_backward_rows(cotangent.values, self.mask, cotangent.indices)
+        return (RowSparse(cotangent.indices, values, self.input_shapes[0]),)
 
 
 class Gelu(Elementwise):
