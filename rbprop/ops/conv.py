@@ -30,6 +30,7 @@ import numpy as np
 from ..backend import array_module
 from ..kernels import conv as conv_kernels
 from ..kernels import pool as pool_kernels
+from ..kernels.products import rows_product
 from ..primitive import Primitive, ShapeError
 from ..tensor import Tensor, as_tensor, record
 from .linalg import ROW_PLACEMENTS, _sum_rows
@@ -461,7 +462,7 @@ class Conv2d(Primitive):
                 grad_x = self._input_grad(sample.expand(partial, axis=0))
             flops += 2 * kept * out_channels * patch
         if self.needs_input_grad[1]:
-            grad_weight = compact.T @ self._lowered(sample)  # dW = V_k^T cols_k
+            grad_weight = rows_product(compact, self._lowered(sample))  # dW = V_k^T cols_k
             flops += 2 * kept * out_channels * patch
         if self._needs_bias_grad():
             grad_bias = _sum_rows(sample, compact, array_module(cotangent))

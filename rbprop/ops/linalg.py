@@ -29,8 +29,10 @@ import math
 import numpy as np
 
 from ..backend import array_module
+from ..kernels.products import rows_product
+from ..kernels.rows import meet_rows
 from ..primitive import Primitive, ShapeError, sum_to
-from ..rowsparse import RowSparse, restrict
+from ..rowsparse import RowSparse
 from ..tensor import Tensor, as_tensor, record
 
 #: Placements that sketch the rows of the contracted axis (see the module docstring).
@@ -135,11 +137,8 @@ class Linear(Primitive):
         read = producer.rows_read()
         if read is None:
             return values, rows_kept
-        xp = array_module(values)
-        if rows_kept is None:
-            return xp.take(values, xp.asarray(read), axis=0), read
-        both, here, _ = np.intersect1d(rows_kept, read, assume_unique=True, return_indices=True)
-        return xp.take(values, xp.asarray(here), axis=0), both
+        both, _, selected = meet_rows(read, rows_kept, values)
+        return selected, both
 
     def row_sparse_vjp(self, cotangent: RowSparse):
         """The exact VJP of a row-sparse cotangent: GEMMs over its kept rows only."""
@@ -155,7 +154,7 @@ class Linear(Primitive):
             grad_x = RowSparse(cotangent.indices, values, self.input_shapes[0])
         if self.needs_input_grad[1]:
             xp = array_module(v)
-            grad_weight = v.T @ xp.take(self.rows, xp.asarray(flat), axis=0)
+            grad_weight = rows_product(v, xp.take(self.rows, xp.asarray(flat), axis=0))
         if self._needs_bias_grad():
             grad_bias = _column_sums(v)
         self._sampled_flops = self.vjp_flops() * len(flat) // max(rows, 1)
@@ -239,9 +238,10 @@ class Linear(Primitive):
         else:  # the cotangent's kept rows, in the flattened (rows, out) view
             cotangent_rows = self._flat_rows(sparse.indices)
             values = sparse.values.reshape(-1, out_features)
-        common, in_sample, in_cotangent = restrict(sample, cotangent_rows)
-        compact = xp.take(values, xp.asarray(in_cotangent), axis=0)  # S v on those rows
-        compact *= xp.asarray(sample.scales[in_sample], dtype=compact.dtype)[:, None]
+        # The rows both keep, and S v on them.
+        common, in_sample, compact = meet_rows(
+            sample.indices, cotangent_rows, values, sample.scales
+        )
         kept = len(common)
         grad_x = grad_weight = grad_bias = None
         flops = 0
@@ -258,7 +258,7 @@ class Linear(Primitive):
             kept_rows = self.rows if sample is self.sample else sample.project(self.rows, axis=0)
             if kept != sample.kept:
                 kept_rows = xp.take(kept_rows, xp.asarray(in_sample), axis=0)
-            grad_weight = compact.T @ kept_rows
+            grad_weight = rows_product(compact, kept_rows)
             flops += 2 * kept * in_features * out_features
         if self._needs_bias_grad():
             grad_bias = _column_sums(compact)
@@ -301,7 +301,7 @@ class Linear(Primitive):
             grad_x = self._input_grad(sample.expand(compact @ self.weight, axis=0))
             flops += 2 * kept * in_features * out_features
         if self.needs_input_grad[1]:
-            grad_weight = compact.T @ kept_rows
+            grad_weight = rows_product(compact, kept_rows)
             flops += 2 * kept * in_features * out_features
         if self._needs_bias_grad():
             grad_bias = _sum_rows(sample, compact, xp)
