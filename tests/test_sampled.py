@@ -693,3 +693,18 @@ def test_backward_drawn_sketch_saves_no_memory():
     cotangent_bytes, _ = _linear_on_activation({"linear": UniformK(0.25, placement="cotangent")})
     assert importance_bytes == exact_bytes
     assert cotangent_bytes == exact_bytes
+
+
+def test_a_policy_dict_edited_between_blocks_takes_effect():
+    from rbprop.sampling import _resolved_policy
+
+    policy = {"linear": "bernoulli:0.5"}
+    first = _resolved_policy(policy)
+    assert _resolved_policy(policy) is first  # the same mapping, unchanged: reused
+    assert _resolved_policy(dict(policy)) is not first  # another mapping: resolved anew
+    policy["relu"] = "bernoulli:0.25"
+    edited = _resolved_policy(policy)
+    assert edited is not first
+    assert edited.lookup("relu", "") == Bernoulli(0.25)
+    policy["linear"] = None
+    assert _resolved_policy(policy).lookup("linear", "") is None
