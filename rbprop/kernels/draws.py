@@ -130,13 +130,16 @@ def keep_indices(seed: int, size: int, probabilities):
     ``probabilities`` is one float (every index) or an array of ``size``. The
     indices come sorted; the scales are float64.
     """
-    seed = _checked_seed(seed)
-    if np.ndim(probabilities) and np.shape(probabilities) != (size,):
-        raise ValueError(
-            f"draws: {np.shape(probabilities)} probabilities for an axis of length {size}"
-        )
+    constant = type(probabilities) is float
+    if not (constant and type(seed) is int and 0 <= seed <= MASK64):  # else: the common call
+        seed = _checked_seed(seed)
+        if np.ndim(probabilities) and np.shape(probabilities) != (size,):
+            raise ValueError(
+                f"draws: {np.shape(probabilities)} probabilities for an axis of length {size}"
+            )
+        constant = np.ndim(probabilities) == 0
     if numba_disabled():
         return keep_indices_reference(seed, size, probabilities)
-    if np.ndim(probabilities) == 0:
+    if constant:
         return _keep_constant_numba(np.uint64(seed), size, float(probabilities))
     return _keep_varying_numba(np.uint64(seed), np.asarray(probabilities, dtype=np.float64))

@@ -27,8 +27,14 @@ SMALL_ROWS = 2
 def _rows_product_numba(left, right):
     rows, height = left.shape
     width = right.shape[1]
-    out = np.zeros((height, width), left.dtype)
-    for row in range(rows):
+    if rows == 0:
+        return np.zeros((height, width), left.dtype)
+    out = np.empty((height, width), left.dtype)
+    for target in range(height):  # the first row sets the output, the others add to it
+        factor = left[0, target]
+        for column in range(width):
+            out[target, column] = factor * right[0, column]
+    for row in range(1, rows):
         for target in range(height):
             factor = left[row, target]
             for column in range(width):
