@@ -37,7 +37,13 @@ import statistics
 import time
 
 import numpy as np
-from bench_environment import TORCH_INSTALL_HINT, blas_threads, pin_threads, torch_version
+from bench_environment import (
+    TORCH_INSTALL_HINT,
+    blas_threads,
+    load_torch_first,
+    pin_threads,
+    torch_version,
+)
 
 import rbprop as rb
 from rbprop import functional as F
@@ -332,7 +338,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if installed")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-
+    if not args.no_torch:
+        load_torch_first()  # before any rbprop kernel starts OpenMP (bench_environment)
     if args.threads is not None:
         pin_threads(args.threads, reexec=argv is None)
     threads = blas_threads() or 1

@@ -53,6 +53,7 @@ from bench_environment import (
     blas_threads,
     describe,
     describe_markdown,
+    load_torch_first,
     pin_threads,
     torch_version,
 )
@@ -430,6 +431,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.no_torch:
+        load_torch_first()  # before any rbprop kernel starts OpenMP (bench_environment)
     if args.threads is not None:
         # From the command line, a process whose BLAS cannot be limited restarts itself.
         pin_threads(args.threads, reexec=argv is None)
