@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import os
 import threading
 from collections.abc import Mapping
 
 import numpy as np
 
-from .kernels.draws import GOLDEN_GAMMA, MASK64, mix64
+from .kernels.draws import GOLDEN_GAMMA, MASK64, fresh_seed, mix64
 from .sketch import Sketch, parse
 
 _state = threading.local()
@@ -182,7 +181,7 @@ def seed_key(seed) -> int:
     An int below 2^64 is its own key; anything else is hashed 64 bits at a time.
     """
     if seed is None:
-        return int.from_bytes(os.urandom(8), "little")
+        return fresh_seed()
     single = isinstance(seed, (int, np.integer))
     try:
         words = [seed] if single else list(seed)

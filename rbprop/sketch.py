@@ -27,12 +27,11 @@ from a numpy ``Generator`` seeded with the same seed.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
 from .backend import array_module, to_numpy
-from .kernels.draws import keep_indices, uniforms
+from .kernels.draws import fresh_seed, keep_indices, uniforms
 
 PLACEMENTS = (None, "cotangent", "contracted", "weight")
 
@@ -49,7 +48,7 @@ class SeedStream:
     __slots__ = ("seed",)
 
     def __init__(self, seed=None):
-        self.seed = int.from_bytes(os.urandom(8), "little") if seed is None else seed
+        self.seed = fresh_seed() if seed is None else seed
 
     def uniforms(self, size: int):
         """``size`` float64 uniforms in ``[0, 1)``."""

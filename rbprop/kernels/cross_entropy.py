@@ -52,7 +52,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..primitive import ShapeError
-from .dispatch import use_numba
+from .dispatch import index_range_error, use_numba
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -251,10 +251,7 @@ def _check_kept(name, kept, kept_scales):
 
 
 def _kept_rows_error(name, kept, rows):
-    return IndexError(
-        f"{name}: kept rows must lie in [0, {rows}), "
-        f"got values from {int(kept.min())} to {int(kept.max())}"
-    )
+    return index_range_error(name, "kept rows", kept, rows)
 
 
 # ----------------------------------------------------------------------------- numpy twins

@@ -193,11 +193,19 @@ def as_indices(kernel_name: str, argument: str, indices, size: int, xp=np):
         raise TypeError(f"{kernel_name}: {argument} must be integers, got dtype {indices.dtype}")
     indices = indices.astype(np.int64, copy=False)
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= size):
-        raise IndexError(
-            f"{kernel_name}: {argument} must lie in [0, {size}), "
-            f"got values from {int(indices.min())} to {int(indices.max())}"
-        )
+        raise index_range_error(kernel_name, argument, indices, size)
     return indices
+
+
+def index_range_error(kernel_name: str, argument: str, indices, size: int, where: str = ""):
+    """The IndexError for ``indices`` not all in ``[0, size)``, naming the values found.
+
+    ``where`` adds what the indices point into (" for a mask of shape (5, 3)").
+    """
+    return IndexError(
+        f"{kernel_name}: {argument} must lie in [0, {size}){where}, "
+        f"got values from {int(indices.min())} to {int(indices.max())}"
+    )
 
 
 def add_at(xp, target, index, values):

@@ -16,6 +16,8 @@ uint64 array arithmetic, so both give bit-identical draws.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 
@@ -26,6 +28,11 @@ MASK64 = (1 << 64) - 1
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _UNIT = 1.0 / (1 << 53)
+
+
+def fresh_seed() -> int:
+    """64 fresh bits from the operating system: the seed when none is given."""
+    return int.from_bytes(os.urandom(8), "little")
 
 
 def mix64(value: int) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..primitive import ShapeError
-from .dispatch import launch, use_numba
+from .dispatch import index_range_error, launch, use_numba
 
 # ----------------------------------------------------------------------------- numba kernels
 
@@ -109,10 +109,8 @@ def _check_rows(values, mask, rows):
 
 
 def _rows_error(mask, rows):
-    return IndexError(
-        f"relu_backward_rows: rows must lie in [0, {mask.shape[0]}) for a mask of shape "
-        f"{mask.shape}, got values from {int(rows.min())} to {int(rows.max())}"
-    )
+    where = f" for a mask of shape {mask.shape}"
+    return index_range_error("relu_backward_rows", "rows", rows, mask.shape[0], where)
 
 
 # ----------------------------------------------------------------------------- dispatchers

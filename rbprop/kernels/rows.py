@@ -26,7 +26,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..primitive import ShapeError
-from .dispatch import use_numba
+from .dispatch import index_range_error, use_numba
 
 _NO_SCALES = np.empty(0, np.float64)
 _NO_ROWS = np.empty(0, np.int64)
@@ -190,7 +190,5 @@ def _unsorted_error(argument, indices):
 
 
 def _range_error(wanted, values):
-    return IndexError(
-        f"meet_rows: wanted rows must lie in [0, {values.shape[0]}) for values of shape "
-        f"{values.shape}, got values from {int(wanted.min())} to {int(wanted.max())}"
-    )
+    where = f" for values of shape {values.shape}"
+    return index_range_error("meet_rows", "wanted rows", wanted, values.shape[0], where)
