@@ -28,7 +28,7 @@ import numpy as np
 
 from . import cost
 from .backend import array_module, to_numpy
-from .rowsparse import RowSparse, restrict
+from .rowsparse import RowSparse
 from .sketch import SeedStream
 
 
@@ -296,11 +296,11 @@ class Primitive:
         if sparse is None:  # S v on the kept rows: v_i / p_i
             indices, compact = sample.indices, sample.compress(cotangent, axis=0)
         else:  # S v on the rows both the sample and the cotangent keep
-            indices, in_sample, in_cotangent = restrict(sample, sparse.indices)
-            xp = array_module(sparse.values)
-            compact = xp.take(sparse.values, xp.asarray(in_cotangent), axis=0)
-            shape = (-1,) + (1,) * (compact.ndim - 1)
-            compact *= xp.asarray(sample.scales[in_sample], dtype=compact.dtype).reshape(shape)
+            from .kernels.rows import meet_rows  # the kernels import this module's errors
+
+            indices, _, compact = meet_rows(
+                sample.indices, sparse.indices, sparse.values, sample.scales
+            )
         self._sampled_flops = self.vjp_flops() * len(indices) // max(rows, 1)
         return self._kept_rows_vjp(indices, compact)
 
